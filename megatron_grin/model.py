@@ -150,3 +150,18 @@ def parameter_counts(cfg: GrinConfig) -> dict[str, int]:
         "active": cfg.num_layers * layer_active + embed_and_head,
         "expert": cfg.num_layers * e * expert,
     }
+
+
+def build_model_on_meta(cfg: GrinConfig, **kwargs: Any) -> GrinGPTModel:
+    """Build the model with no storage (meta tensors): shapes, names and counts of any size, instantly.
+
+    megatron allocates on ``torch.cuda.current_device()`` explicitly, so that is pointed at "meta" for the
+    duration of the build, alongside the default-device context.
+    """
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "meta"  # type: ignore[assignment]
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, use_cpu_initialization=False, perform_initialization=False, **kwargs)
+    finally:
+        torch.cuda.current_device = original  # type: ignore[assignment]

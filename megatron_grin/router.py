@@ -148,43 +148,44 @@ def sparsemixer_v2_with_stats(logits: torch.Tensor, jitter_eps: float, top_k: in
 # --------------------------------------------------------------------------------------------------
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
+    MoEAuxLossAutoScaler,
     get_tokens_per_expert_and_token_count,
+    save_to_aux_losses_tracker,
     switch_load_balancing_loss_func,
 )
 from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 
 
 class RouterStats:
-    """Routing statistics accumulated over the micro-batches of one step (local counts, no sync)."""
+    """Routing statistics accumulated over the micro-batches of one step (local, on device, no host sync)."""
+
+    _SCALARS = ("tokens", "picks", "not_argmax", "full_multiplier", "entropy_sum")
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
-        self.reset()
+        self._vector: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
-        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.float64)
-        self.tokens = 0.0
-        self.picks = 0.0
-        self.not_argmax = 0.0
-        self.full_multiplier = 0.0
-        self.entropy_sum = 0.0
+        self._vector = None
 
     @torch.no_grad()
     def add(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor, stats: dict) -> None:
-        self.tokens_per_expert += torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).double().cpu()
-        self.tokens += logits_TE.shape[0]
-        self.picks += experts_TK.numel()
+        counts = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).to(torch.float64)
         probs = torch.softmax(logits_TE.float(), dim=-1)
-        self.entropy_sum += float(-(probs * torch.log(probs.clamp(min=1e-30))).sum())
-        if stats:
-            self.not_argmax += float(stats["sampled_not_argmax"].sum())
-            self.full_multiplier += float((stats["full_multiplier"] & stats["sampled_not_argmax"]).sum())
+        entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum().double()
+        zero = entropy.new_zeros(())
+        not_argmax = stats["sampled_not_argmax"].sum().double() if stats else zero
+        full = (stats["full_multiplier"] & stats["sampled_not_argmax"]).sum().double() if stats else zero
+        scalars = torch.stack([zero + logits_TE.shape[0], zero + experts_TK.numel(), not_argmax, full, entropy])
+        vector = torch.cat([counts, scalars])
+        self._vector = vector if self._vector is None else self._vector + vector
 
-    def as_tensor(self) -> torch.Tensor:
-        """Flat float64 vector (sum-reducible across ranks): [tokens_per_expert..., tokens, picks, ...]."""
-        scalars = torch.tensor([self.tokens, self.picks, self.not_argmax, self.full_multiplier, self.entropy_sum],
-                               dtype=torch.float64)
-        return torch.cat([self.tokens_per_expert, scalars])
+    def as_tensor(self, device=None) -> torch.Tensor:
+        """Flat float64 vector, sum-reducible across ranks: [tokens_per_expert (E), tokens, picks,
+        not_argmax, full_multiplier, entropy_sum]. Zeros if nothing was routed since the last reset."""
+        if self._vector is None:
+            return torch.zeros(self.num_experts + len(self._SCALARS), dtype=torch.float64, device=device)
+        return self._vector if device is None else self._vector.to(device)
 
     @staticmethod
     def summarize(vector: torch.Tensor, num_experts: int) -> dict[str, float]:
@@ -288,13 +289,21 @@ class SparseMixerV2Router(TopKRouter):
         return probs_TE, routing_map_TE
 
     def _apply_balance_loss(self, probs_TE, logits_TE, routing_map_TE):
-        """GRIN's global balance loss: f_i from the *sampled* picks, all-reduced over TP x DP."""
+        """GRIN's global balance loss: f_i from the *sampled* picks, counted over TP x DP.
+
+        Each rank holds the piece sum_i f_i * P_i(local tokens); the pieces add up to the loss of the
+        whole global micro-batch. DDP *averages* gradients over DP, so the attached piece is scaled by the
+        DP size: the coefficient then means the same at any DP size (megatron's own global_aux_loss
+        omits this factor).
+        """
         scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        tokens_per_expert, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+        tokens_per_expert, _, total_tokens = get_tokens_per_expert_and_token_count(
             routing_map=routing_map_TE, reduce_group=self.tp_dp_cp_group, topk=self.topk)
         loss = switch_load_balancing_loss_func(
             probs=scores_TE, tokens_per_expert=tokens_per_expert, total_num_tokens=total_tokens,
             topk=self.topk, num_experts=self.config.num_moe_experts, moe_aux_loss_coeff=self.balance_coeff)
-        return self.attach_and_log_load_balancing_loss(
-            probs_TE, self.balance_coeff, loss, "load_balancing_loss", self.tp_dp_cp_group,
-            reduce_group_has_dp=True, valid_token_count=local_tokens)
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        save_to_aux_losses_tracker("load_balancing_loss", loss.detach() / self.balance_coeff, self.layer_number,
+                                   num_layers, reduce_group=self.tp_dp_cp_group, reduce_group_has_dp=True)
+        dp_size = self.tp_dp_cp_group.size() // self.tp_cp_group.size()
+        return MoEAuxLossAutoScaler.apply(probs_TE, loss * dp_size)

@@ -66,10 +66,11 @@ def init_parallel(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 
     model_parallel_cuda_manual_seed(seed)
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, collected):
     torch.set_num_threads(1)
     try:
         queue.put((rank, fn(rank, world_size, port, *args), None))
+        collected.wait(600)  # tensors travel through shared memory owned by this process: stay alive
     except BaseException:  # report to the parent instead of hanging it
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -79,12 +80,24 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
+def _detach(value):
+    """Deep-copy tensors out of the worker's shared memory."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     """Run fn(rank, world_size, port, *args) in world_size spawned processes; return results by rank."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, collected = ctx.Queue(), ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, collected))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = [None] * world_size, []
@@ -95,7 +108,9 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
             if err:
                 errors.append(f"rank {rank}:\n{err}")
                 break
+        results = [_detach(r) for r in results]
     finally:
+        collected.set()
         for p in procs:
             p.join(timeout=5 if errors else 30)
             if p.is_alive():
