@@ -157,6 +157,12 @@ ACCOMMODATIONS: tuple[Accommodation, ...] = (
 _applied: list[str] = []
 
 
+def select(version: tuple[int, ...], cuda: bool) -> list[Accommodation]:
+    """The accommodations a megatron-core version needs on a machine with or without CUDA."""
+    return [acc for acc in ACCOMMODATIONS
+            if tuple(version[:2]) < acc.needed_below and not (acc.cpu_only and cuda)]
+
+
 def apply() -> list[str]:
     """Apply every accommodation needed on this machine and megatron-core version; idempotent.
 
@@ -165,15 +171,10 @@ def apply() -> list[str]:
     if _applied:
         return list(_applied)
     version = mcore_version()
-    cuda = torch.cuda.is_available()
     if version[:2] not in VERIFIED_MCORE:
         log.warning("megatron-core %s is outside the verified range %s; applying only accommodations "
                     "whose gate admits it", ".".join(map(str, version)), VERIFIED_MCORE)
-    for acc in ACCOMMODATIONS:
-        if version[:2] >= acc.needed_below:
-            continue
-        if acc.cpu_only and cuda:
-            continue
+    for acc in select(version, torch.cuda.is_available()):
         acc.apply()
         _applied.append(acc.name)
     return list(_applied)
