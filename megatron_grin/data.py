@@ -1,0 +1,730 @@
+"""Training data: text -> Megatron indexed datasets, --data-path checks, GPT datasets, resumable batches.
+
+    megatron-grin preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer byte
+    prefixes, weights = validate_data_path(["0.3", "data/a", "0.7", "data/b"])   # before init
+    train, valid, test = build_datasets(["data/corpus"], "98,2,0", 512, 1234, 1000, 20, 0, tok)
+    it = make_data_iterator(train, micro_batch_size=4, consumed_samples=0, dp_rank=0, dp_size=1)
+    batch = get_batch(it)   # tokens, labels, loss_mask, attention_mask, position_ids
+
+The on-disk format is megatron-core's own (``<prefix>.bin`` / ``<prefix>.idx``), so datasets made
+by Megatron-LM's tools/preprocess_data.py work here and vice versa. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import operator
+import os
+import re
+import struct
+import sys
+import sysconfig
+import tempfile
+from functools import cache
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy
+import torch
+
+from megatron_grin.tokenizer import MegatronTokenizerAdapter, Tokenizer, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+#: Suffixes read as JSON lines (one object per line); every other file is one plain-text document.
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+#: magic (9) + version (8) + dtype code (1) + sequence count (8) + document count (8).
+_IDX_PREAMBLE_BYTES = 34
+_FIX_HINT = "run `megatron-grin preprocess --input FILE --output-prefix {prefix} --tokenizer TOK`"
+_STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------
+
+
+def _iter_texts(path: str, json_key: str) -> Iterator[str]:
+    """Yield the documents of one input file, in file order."""
+    if not path.lower().endswith(JSONL_SUFFIXES):
+        try:
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--input {path}: not UTF-8 text ({err}); convert it to UTF-8 first") from err
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--input {path}:{lineno}: not a JSON object per line ({err.msg})") from err
+            if not isinstance(record, dict) or json_key not in record:
+                raise ValueError(
+                    f"--input {path}:{lineno}: no key {json_key!r}; pass the text field with --json-keys"
+                )
+            text = record[json_key]
+            if not isinstance(text, str):
+                raise ValueError(f"--input {path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
+            yield text
+
+
+def _encode(tokenizer: Tokenizer, text: str, append_eod: bool) -> numpy.ndarray:
+    """Token ids of one document as int64, with the end-of-document id appended if asked."""
+    if hasattr(tokenizer, "encode_array"):
+        ids = tokenizer.encode_array(text).astype(numpy.int64)
+    else:
+        ids = numpy.asarray(tokenizer.encode(text), dtype=numpy.int64)
+    if append_eod and ids.size:
+        ids = numpy.append(ids, tokenizer.eod)
+    return ids
+
+
+_WORKER_STATE: dict = {}  # per worker process only: the tokenizer rebuilt from its spec
+
+
+def _worker_init(spec: str, append_eod: bool) -> None:
+    _WORKER_STATE["tokenizer"] = build_tokenizer(spec)
+    _WORKER_STATE["append_eod"] = append_eod
+
+
+def _worker_encode(text: str) -> numpy.ndarray:
+    return _encode(_WORKER_STATE["tokenizer"], text, _WORKER_STATE["append_eod"])
+
+
+def _tokenized(
+    texts: Iterable[str], tokenizer: Tokenizer, append_eod: bool, workers: int
+) -> Iterator[numpy.ndarray]:
+    """Tokenize in order; with workers > 1, spawned processes rebuild the tokenizer from its spec."""
+    if workers == 1:
+        for text in texts:
+            yield _encode(tokenizer, text, append_eod)
+        return
+    ctx = multiprocessing.get_context("spawn")  # fork after torch/threads is not safe
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(tokenizer.spec, append_eod)) as pool:
+        yield from pool.imap(_worker_encode, texts, chunksize=16)
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _commit(tmp_bin: str, tmp_idx: str, bin_path: str, idx_path: str) -> None:
+    """Publish .bin then .idx; the .idx is the commit marker, so no crash leaves a mismatched pair."""
+    _fsync(tmp_bin)
+    _fsync(tmp_idx)
+    if os.path.exists(idx_path):
+        os.remove(idx_path)
+    os.replace(tmp_bin, bin_path)
+    os.replace(tmp_idx, idx_path)
+
+
+def preprocess(
+    inputs: list[str],
+    output_prefix: str,
+    tokenizer: Tokenizer | str,
+    json_key: str = "text",
+    append_eod: bool = True,
+    workers: int = 1,
+) -> dict:
+    """Tokenize JSONL / plain-text files into ``<output_prefix>.bin`` and ``.idx`` (one sequence per document).
+
+    Files are written under temporary names and renamed at the end, so an interrupted run never
+    leaves a readable but partial dataset under the final name. Empty documents are skipped.
+    Returns ``{"documents", "tokens", "skipped", "dtype", "bin", "idx"}``.
+    """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    if isinstance(tokenizer, str):
+        tokenizer = build_tokenizer(tokenizer)
+    if not inputs:
+        raise ValueError("--input: give at least one JSONL or text file")
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise ValueError(f"--input {path}: no such file")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if not output_prefix or output_prefix.endswith((".bin", ".idx")) or output_prefix.endswith(os.sep):
+        raise ValueError(f"--output-prefix {output_prefix!r}: give a prefix without .bin/.idx, e.g. data/corpus")
+
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"
+    tmp_bin, tmp_idx = f"{bin_path}.tmp{os.getpid()}", f"{idx_path}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+
+    texts = (text for path in inputs for text in _iter_texts(path, json_key))
+    documents = tokens = skipped = 0
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    docs = _tokenized(texts, tokenizer, append_eod, workers)
+    try:
+        for ids in docs:
+            if ids.size == 0:
+                skipped += 1
+                continue
+            builder.add_document(ids, [int(ids.size)])
+            documents += 1
+            tokens += int(ids.size)
+        if documents == 0:
+            raise ValueError(f"--input {' '.join(inputs)}: no non-empty documents (check --json-keys)")
+        builder.finalize(tmp_idx)
+        _commit(tmp_bin, tmp_idx, bin_path, idx_path)
+    except BaseException:
+        docs.close()  # stops worker processes now, not at garbage collection
+        builder.data_file.close()
+        for path in (tmp_bin, tmp_idx):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    log.info("wrote %s and %s: %d documents, %d tokens (%s)", bin_path, idx_path, documents, tokens, dtype.__name__)
+    return {
+        "documents": documents,
+        "tokens": tokens,
+        "skipped": skipped,
+        "dtype": dtype.__name__,
+        "bin": bin_path,
+        "idx": idx_path,
+    }
+
+
+def stdlib_files(max_files: int | None = None) -> list[str]:
+    """The running interpreter's standard-library .py files (no tests, no site-packages), sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]
+        found.extend(os.path.join(dirpath, n) for n in filenames if n.endswith(".py"))
+    found.sort(key=lambda p: os.path.relpath(p, root))
+    return found if max_files is None else found[:max_files]
+
+
+def stdlib_corpus(out_dir: str, max_files: int | None = None) -> list[str]:
+    """Write the stdlib sources as ``<out_dir>/stdlib.jsonl``: a real corpus that needs no download.
+
+    Each line is ``{"text": source, "path": relative path}``; order is deterministic.
+    """
+    root = sysconfig.get_paths()["stdlib"]
+    files = stdlib_files(max_files)
+    if not files:
+        raise ValueError(f"no standard-library .py files under {root}; use --input with your own text")
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, "stdlib.jsonl")
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for path in files:
+            with open(path, encoding="utf-8", errors="replace") as src:
+                text = src.read()
+            f.write(json.dumps({"text": text, "path": os.path.relpath(path, root)}) + "\n")
+    os.replace(tmp, out)
+    return [out]
+
+
+# ---------------------------------------------------------------------------------------------
+# --data-path validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], list[float] | None]:
+    """Megatron's --data-path: ``PREFIX...`` or ``W1 PREFIX1 W2 PREFIX2...`` -> (prefixes, weights)."""
+    tokens = data_path.split() if isinstance(data_path, str) else [str(t) for t in data_path]
+    if not tokens:
+        raise ValueError("--data-path is empty: give PREFIX [PREFIX...] or W1 PREFIX1 W2 PREFIX2 ...")
+    numeric = [_is_number(t) for t in tokens]
+    if not any(numeric):
+        return tokens, None
+    pairs_ok = len(tokens) % 2 == 0 and all(numeric[0::2]) and not any(numeric[1::2])
+    if not pairs_ok:
+        raise ValueError(
+            f"--data-path {' '.join(tokens)}: mixes weights and prefixes; use either PREFIX... or "
+            "weight/prefix pairs like `0.3 data/a 0.7 data/b`"
+        )
+    weights = [float(t) for t in tokens[0::2]]
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--data-path weights {weights} must be non-negative with a positive sum")
+    return tokens[1::2], weights
+
+
+def _read_idx_info(prefix: str) -> dict:
+    """Check that ``prefix``.bin/.idx form a readable megatron IndexedDataset; return its counts.
+
+    Checks the magic, version and dtype, that the .idx size matches its counts exactly (catches
+    truncation) and that the last sequence ends exactly at the end of the .bin.
+    """
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    hint = _FIX_HINT.format(prefix=prefix)
+    if prefix.endswith((".bin", ".idx")):
+        raise ValueError(f"--data-path {prefix}: give the prefix without .bin/.idx ({prefix[:-4]})")
+    bin_path, idx_path = prefix + ".bin", prefix + ".idx"
+    for path in (bin_path, idx_path):
+        if not os.path.isfile(path):
+            raise ValueError(f"--data-path: {path} does not exist; {hint}")
+    idx_size, bin_size = os.path.getsize(idx_path), os.path.getsize(bin_path)
+    with open(idx_path, "rb") as f:
+        preamble = f.read(_IDX_PREAMBLE_BYTES)
+        if len(preamble) < _IDX_PREAMBLE_BYTES or preamble[:9] != _INDEX_HEADER:
+            raise ValueError(f"--data-path: {idx_path} is not a megatron .idx file (bad header); {hint}")
+        version, code, seq_count, doc_count = struct.unpack("<QBQQ", preamble[9:])
+        try:
+            itemsize = DType.size(code)
+        except ValueError:
+            raise ValueError(f"--data-path: {idx_path} has unknown token dtype code {code}; {hint}") from None
+        if version != 1:
+            raise ValueError(f"--data-path: {idx_path} has unsupported version {version}; {hint}")
+        expected = _IDX_PREAMBLE_BYTES + 12 * seq_count + 8 * doc_count
+        if idx_size not in (expected, expected + seq_count):  # + one mode byte per sequence if multimodal
+            raise ValueError(
+                f"--data-path: {idx_path} is truncated or corrupt ({idx_size} bytes, expected "
+                f"{expected}); {hint}"
+            )
+        if seq_count == 0:
+            raise ValueError(f"--data-path: {idx_path} holds no documents; {hint}")
+        f.seek(_IDX_PREAMBLE_BYTES + 4 * (seq_count - 1))
+        (last_len,) = struct.unpack("<i", f.read(4))
+        f.seek(_IDX_PREAMBLE_BYTES + 4 * seq_count + 8 * (seq_count - 1))
+        (last_ptr,) = struct.unpack("<q", f.read(8))
+        f.seek(_IDX_PREAMBLE_BYTES + 12 * seq_count)
+        (first_doc,) = struct.unpack("<q", f.read(8))
+        f.seek(_IDX_PREAMBLE_BYTES + 12 * seq_count + 8 * (doc_count - 1))
+        (last_doc,) = struct.unpack("<q", f.read(8))
+    if first_doc != 0 or last_doc != seq_count:
+        raise ValueError(f"--data-path: {idx_path} has an inconsistent document index; {hint}")
+    if last_ptr + last_len * itemsize != bin_size:
+        raise ValueError(
+            f"--data-path: {bin_path} ({bin_size} bytes) does not match {idx_path} (expects "
+            f"{last_ptr + last_len * itemsize}); the pair is from different runs or truncated; {hint}"
+        )
+    return {"prefix": prefix, "sequences": seq_count, "bin_bytes": bin_size, "idx_bytes": idx_size}
+
+
+def validate_data_path(data_path: Sequence[str] | str) -> tuple[list[str], list[float] | None]:
+    """Parse --data-path and check every dataset on disk, raising ValueError naming the bad file.
+
+    Cheap (reads headers and a few index entries); call it before starting process groups.
+    """
+    prefixes, weights = parse_data_path(data_path)
+    for prefix in prefixes:
+        _read_idx_info(prefix)
+    return prefixes, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset building
+# ---------------------------------------------------------------------------------------------
+
+
+def ensure_helpers() -> None:
+    """Make sure megatron's C++ dataset helpers (sample/blending index builders) are importable.
+
+    megatron-core wheels ship them prebuilt (checked on 0.16.1); a source checkout needs a one-time
+    `make`, done here under a file lock so that concurrent ranks compile once.
+    """
+    import importlib
+
+    try:
+        importlib.import_module("megatron.core.datasets.helpers_cpp")
+        return
+    except ImportError:
+        pass
+    import fcntl
+    import shutil
+    import subprocess
+
+    import megatron.core.datasets as mcd
+
+    src_dir = os.path.dirname(os.path.abspath(mcd.__file__))
+    if not os.path.isfile(os.path.join(src_dir, "Makefile")):
+        raise RuntimeError(
+            f"megatron.core.datasets.helpers_cpp is missing and {src_dir} has no Makefile to build it; "
+            "reinstall megatron-core from its wheel (pip install --force-reinstall megatron-core)"
+        )
+    if shutil.which("make") is None or (shutil.which("c++") or shutil.which("g++")) is None:
+        raise RuntimeError(
+            f"megatron.core.datasets.helpers_cpp must be compiled from {src_dir}/helpers.cpp but make or "
+            "a C++ compiler is missing: install build tools (apt-get install build-essential) and "
+            "pybind11 (pip install pybind11), or install the megatron-core wheel, which ships it prebuilt"
+        )
+    lock_name = f"megatron_helpers_{hashlib.md5(src_dir.encode()).hexdigest()}.lock"
+    lock_path = os.path.join(tempfile.gettempdir(), lock_name)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        importlib.invalidate_caches()
+        try:
+            importlib.import_module("megatron.core.datasets.helpers_cpp")  # built by another rank
+            return
+        except ImportError:
+            result = subprocess.run(["make", "-C", src_dir], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling megatron's dataset helpers in {src_dir} failed:\n{result.stderr[-2000:]}")
+        importlib.invalidate_caches()
+        importlib.import_module("megatron.core.datasets.helpers_cpp")
+
+
+_SPLIT_PART = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*")
+
+
+def _parse_split(split: str) -> list[float]:
+    """--split "98,2,0" -> normalized [train, valid, test] shares, with an error naming the flag."""
+    parts = split.replace("/", ",").split(",") if isinstance(split, str) else []
+    matches = [_SPLIT_PART.fullmatch(p) for p in parts]
+    if not 1 <= len(parts) <= 3 or not all(matches) or sum(float(m.group(1)) for m in matches) <= 0:
+        raise ValueError(f"--split {split!r}: give up to three non-negative weights, e.g. 98,2,0")
+    values = [float(m.group(1)) for m in matches] + [0.0] * (3 - len(parts))
+    return [v / sum(values) for v in values]
+
+
+def _data_fingerprint(prefixes: Sequence[str]) -> str:
+    """Content fingerprint of the datasets, so re-preprocessing a prefix never reuses stale indices.
+
+    megatron keys its index cache by path and sizes, not content; hashing the .idx (head and tail)
+    and both file sizes is cheap and identical on every node that sees the same bytes.
+    """
+    h = hashlib.sha256()
+    for prefix in prefixes:
+        idx_path = prefix + ".idx"
+        size = os.path.getsize(idx_path)
+        h.update(f"{os.path.abspath(prefix)}|{size}|{os.path.getsize(prefix + '.bin')}|".encode())
+        with open(idx_path, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _check_splits_nonempty(infos: list[dict], shares: list[float], sizes: list[int]) -> None:
+    """megatron 0.16.1 loops forever building a split that got zero documents; fail fast instead."""
+    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+
+    matrix = convert_split_vector_to_split_matrix(shares)
+    for info in infos:
+        n = info["sequences"]
+        for name, bookends, size in zip(("train", "valid", "test"), matrix, sizes):
+            if bookends is None or size == 0:
+                continue
+            if int(round(bookends[1] * n)) == int(round(bookends[0] * n)):
+                raise ValueError(
+                    f"--split gives the {name} split 0 of the {n} documents in {info['prefix']}; "
+                    f"add documents, raise its share in --split, or request 0 {name} samples"
+                )
+
+
+@cache
+def _builder_class() -> type:
+    """BlendedMegatronDatasetBuilder, fixed for single-process blends (defined lazily: megatron is heavy)."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    class Builder(BlendedMegatronDatasetBuilder):
+        @staticmethod
+        def build_generic_dataset(dataset_cls, is_built_on_rank, synchronize_ranks, *args):
+            # megatron 0.16.1 BlendedDataset calls torch.distributed.get_rank() on a cache miss even
+            # without a process group; single-process, skip its (cheap to rebuild) cache instead.
+            if dataset_cls is BlendedDataset and not torch.distributed.is_initialized():
+                args = (*args[:-1], dataclasses.replace(args[-1], path_to_cache=None))
+            return BlendedMegatronDatasetBuilder.build_generic_dataset(
+                dataset_cls, is_built_on_rank, synchronize_ranks, *args
+            )
+
+    return Builder
+
+
+def build_datasets(
+    data_path: Sequence[str] | str | None,
+    split: str,
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples: int,
+    test_samples: int,
+    tokenizer: Tokenizer | MegatronTokenizerAdapter,
+    mock: bool = False,
+    data_cache_path: str | None = None,
+    is_built_on_rank: Callable[[], bool] | None = None,
+    create_attention_mask: bool = True,
+    eod_mask_loss: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+) -> tuple:
+    """Build (train, valid, test) megatron GPT datasets; a split is None if it has no share.
+
+    Call on every rank (megatron barriers inside when torch.distributed is initialized). Each
+    sample is a dict of ``seq_length`` tokens/labels plus masks. ``mock=True`` ignores data_path
+    and split and uses megatron's synthetic MockGPTDataset. Index caches go to
+    ``<data_cache_path or dir of first prefix/cache>/data-<content fingerprint>``.
+    """
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    if seq_length < 1:
+        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
+    try:
+        sizes = [operator.index(n) for n in (train_samples, valid_samples, test_samples)]
+    except TypeError:
+        sizes = [-1]
+    if min(sizes) < 0:
+        raise ValueError(
+            "train/valid/test sample counts must be non-negative ints, got "
+            f"{train_samples}, {valid_samples}, {test_samples}"
+        )
+    adapter = tokenizer if isinstance(tokenizer, MegatronTokenizerAdapter) else MegatronTokenizerAdapter(tokenizer)
+    ensure_helpers()
+
+    blend, path_to_cache, dataset_cls = None, None, MockGPTDataset
+    if not mock:
+        if data_path is None:
+            raise ValueError("--data-path is required unless --mock-data is set")
+        shares = _parse_split(split)
+        prefixes, weights = parse_data_path(data_path)
+        infos = [_read_idx_info(p) for p in prefixes]
+        _check_splits_nonempty(infos, shares, sizes)
+        blend, dataset_cls = (prefixes, weights), GPTDataset
+        cache_root = data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "cache")
+        path_to_cache = os.path.join(cache_root, "data-" + _data_fingerprint(prefixes))
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=None if mock else split,
+        path_to_cache=path_to_cache,
+        tokenizer=adapter,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+    )
+    builder = _builder_class()(dataset_cls, sizes, is_built_on_rank or (lambda: True), config)
+    train, valid, test = builder.build()
+    return train, valid, test
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+class PretrainingSampler:
+    """Megatron-LM's MegatronPretrainingSampler (megatron/training, not shipped in megatron-core).
+
+    Walks sample ids in order from ``consumed_samples`` (a global count over all data-parallel
+    ranks); each step takes the next ``micro_batch_size * dp_size`` ids and yields this rank's
+    slice. A run resumed at ``consumed_samples=k`` therefore yields exactly the batches an
+    uninterrupted run yields from k on. The last partial global micro-batch is dropped.
+    ``cyclic=True`` restarts from sample 0 when the data is exhausted (for validation).
+    """
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        cyclic: bool = False,
+    ) -> None:
+        if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(
+                "need micro_batch_size >= 1 and 0 <= dp_rank < dp_size, got "
+                f"micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, dp_size={dp_size}"
+            )
+        self.global_micro = micro_batch_size * dp_size
+        if consumed_samples < 0 or consumed_samples % self.global_micro:
+            raise ValueError(
+                f"consumed_samples={consumed_samples} is not a multiple of micro_batch_size*dp_size="
+                f"{self.global_micro}; the checkpoint was written with a different batch layout"
+            )
+        self.usable = (total_samples // self.global_micro) * self.global_micro
+        if self.usable == 0:
+            raise ValueError(
+                f"dataset has {total_samples} samples, fewer than one global micro-batch ({self.global_micro})"
+            )
+        if not cyclic and consumed_samples >= self.usable:
+            raise ValueError(
+                f"consumed_samples={consumed_samples} exhausts the {total_samples} samples built; "
+                "raise --train-samples (or --train-iters) so the datasets are built larger"
+            )
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.cyclic = cyclic
+
+    def __len__(self) -> int:
+        if self.cyclic:
+            raise TypeError("a cyclic PretrainingSampler is endless")
+        return (self.usable - self.consumed_samples) // self.global_micro
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo = self.dp_rank * self.micro_batch_size
+        start = self.consumed_samples % self.usable if self.cyclic else self.consumed_samples
+        while True:
+            for first in range(start, self.usable, self.global_micro):
+                yield list(range(first + lo, first + lo + self.micro_batch_size))
+            if not self.cyclic:
+                return
+            start = 0
+
+
+def make_data_iterator(
+    dataset,
+    micro_batch_size: int,
+    consumed_samples: int,
+    dp_rank: int,
+    dp_size: int,
+    num_workers: int = 0,
+    cyclic: bool = False,
+) -> Iterator[dict] | None:
+    """A DataLoader iterator over this rank's micro-batches, resuming at ``consumed_samples``.
+
+    Returns None for a None dataset (a rank that did not build it). Batches are dicts of stacked
+    tensors; pass the iterator to :func:`get_batch`.
+    """
+    if dataset is None:
+        return None
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, cyclic)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+    return iter(loader)
+
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+
+
+def get_batch(data_iterator: Iterator[dict] | None, device: torch.device | str | None = None) -> dict | None:
+    """Next micro-batch as the model's inputs, on ``device``.
+
+    Shapes: tokens, labels, position_ids [b, s] int64; loss_mask [b, s] float32; attention_mask
+    [b, 1, s, s] bool with True = masked (megatron's convention), or None when the datasets were
+    built with create_attention_mask=False. Returns None for a None iterator.
+    """
+    if data_iterator is None:
+        return None
+    sample = next(data_iterator)
+    batch = {key: sample.get(key) for key in BATCH_KEYS}
+    if device is not None:
+        non_blocking = torch.device(device).type == "cuda"
+        batch = {k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: megatron-grin preprocess
+# ---------------------------------------------------------------------------------------------
+
+#: Megatron-LM preprocess_data.py flags with no equivalent here, and what to do instead.
+_UNSUPPORTED_FLAGS = {
+    "--vocab-file": "save the tokenizer with save_pretrained(DIR) and pass --tokenizer DIR",
+    "--merge-file": "save the tokenizer with save_pretrained(DIR) and pass --tokenizer DIR",
+    "--split-sentences": "documents are stored whole; drop the flag",
+    "--keep-newlines": "text is stored verbatim; drop the flag",
+    "--partitions": "pass several --input files instead",
+}
+
+
+def build_parser(prog: str = "megatron-grin preprocess") -> argparse.ArgumentParser:
+    """Flags follow Megatron-LM's tools/preprocess_data.py where one exists."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description="Tokenize JSONL (.jsonl/.json: one object per line) or plain-text files (one "
+        "document per file) into a megatron indexed dataset PREFIX.bin / PREFIX.idx.",
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="input files, in order")
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--tokenizer", metavar="byte|DIR", help="'byte' or a local HF tokenizer directory")
+    p.add_argument("--tokenizer-model", metavar="DIR", help="Megatron-LM alias of --tokenizer DIR")
+    p.add_argument(
+        "--tokenizer-type",
+        metavar="TYPE",
+        help="Megatron-LM alias: HuggingFaceTokenizer (with --tokenizer-model DIR) or byte",
+    )
+    p.add_argument(
+        "--json-keys", "--json-key", dest="json_keys", nargs="+", default=["text"], metavar="KEY",
+        help="JSON field holding the text (one key)",
+    )
+    p.add_argument(
+        "--append-eod", action=argparse.BooleanOptionalAction, default=True,
+        help="append the end-of-document token to each document (default: on)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    return p
+
+
+def _check_unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    known = sorted(s for a in parser._actions for s in a.option_strings)
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        flag = token.split("=", 1)[0]
+        if flag in known:
+            continue
+        if flag in _UNSUPPORTED_FLAGS:
+            parser.error(f"{flag} is not supported: {_UNSUPPORTED_FLAGS[flag]}")
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.5)
+        parser.error(f"unrecognized argument {flag}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def _tokenizer_spec(args: argparse.Namespace) -> str:
+    """Resolve --tokenizer and its Megatron-LM aliases into one spec."""
+    kind = (args.tokenizer_type or "").lower()
+    if kind and kind not in ("byte", "bytetokenizer", "huggingfacetokenizer"):
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type}: use byte or HuggingFaceTokenizer")
+    spec = args.tokenizer or args.tokenizer_model or ("byte" if kind in ("byte", "bytetokenizer") else None)
+    if spec is None:
+        raise ValueError("--tokenizer is required: 'byte' or a local tokenizer directory")
+    if args.tokenizer and args.tokenizer_model and args.tokenizer != args.tokenizer_model:
+        raise ValueError("--tokenizer and --tokenizer-model disagree; pass one of them")
+    return spec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``megatron-grin preprocess``: returns a process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    _check_unknown_flags(parser, argv)
+    args = parser.parse_args(argv)
+    try:
+        if len(args.json_keys) != 1:
+            raise ValueError(f"--json-keys takes one key here, got {args.json_keys}; run once per key")
+        stats = preprocess(
+            args.input,
+            args.output_prefix,
+            build_tokenizer(_tokenizer_spec(args)),
+            json_key=args.json_keys[0],
+            append_eod=args.append_eod,
+            workers=args.workers,
+        )
+    except ValueError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {stats['bin']} and {stats['idx']}: {stats['documents']} documents, "
+        f"{stats['tokens']} tokens ({stats['dtype']}), {stats['skipped']} empty skipped"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
