@@ -183,7 +183,9 @@ def hf_config_dict(cfg: GrinConfig, **extra) -> dict:
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_query_groups, head_dim=cfg.head_dim, hidden_act="silu",
         max_position_embeddings=cfg.max_position_embeddings, initializer_range=cfg.init_method_std,
-        rms_norm_eps=cfg.layernorm_epsilon, use_cache=True, pad_token_id=None, bos_token_id=1, eos_token_id=32000,
+        rms_norm_eps=cfg.layernorm_epsilon, use_cache=True, pad_token_id=None,
+        # GRIN's tokenizer ids; a smaller vocabulary must pass its own (from the tokenizer).
+        bos_token_id=1 if cfg.vocab_size > 1 else None, eos_token_id=32000 if cfg.vocab_size > 32000 else None,
         tie_word_embeddings=False, rope_theta=float(cfg.rotary_base), rope_scaling=None,
         sliding_window=cfg.sliding_window, attention_dropout=0.0, hidden_dropout=0.0,
         num_experts_per_tok=cfg.moe_router_topk, num_local_experts=cfg.num_experts, output_router_logits=False,

@@ -7,6 +7,8 @@ Two flavours: ``local`` (pure PyTorch; CPU, tests, no Transformer Engine) and ``
 
 from __future__ import annotations
 
+import logging
+
 
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -21,6 +23,16 @@ from megatron_grin.experts import experts_spec, have_transformer_engine
 from megatron_grin.layers import RowParallelLinearWithBias, SequenceParallelLayerNorm, te_row_parallel_linear_with_bias
 from megatron_grin.moe_layer import GrinMoELayer
 from megatron_grin.router import SparseMixerV2Router
+
+
+class _KnownMoELayerFilter(logging.Filter):
+    """TransformerLayer warns "Unknown MLP type" for any MoELayer subclass; GrinMoELayer is one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMoELayerFilter())
 
 
 def grin_moe_spec(expert_backend: str = "auto", use_te: bool = False) -> ModuleSpec:
