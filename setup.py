@@ -22,6 +22,7 @@ setup(
         "tqdm",
         "rich",
         "tensorboard",
+        "psutil",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

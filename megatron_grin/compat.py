@@ -5,7 +5,8 @@ scratch tensors in the pipeline schedules, torch.cuda RNG state in the model-par
 torch.cuda.synchronize in p2p). Development, CI and the local demo run on CPU with gloo, so each of
 those call sites is redirected here, narrowly (by patching the name inside the one megatron module
 that uses it), gated on the megatron-core version it was verified against, and applied only when
-CUDA is absent. Each accommodation has a test in tests/test_compat.py.
+CUDA is absent. Each accommodation has a test in tests/test_compat.py, or, for the trainer's (optimizers,
+distributed optimizer, dist_checkpointing), in tests/test_compat_trainer.py.
 
 Call :func:`apply` once, before building models or schedules (the trainer and tests do).
 """
@@ -139,6 +140,141 @@ def _rng_tracker() -> None:
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
 
 
+# --- trainer accommodations (optimizer, distributed optimizer, dist_checkpointing); tests in
+# --- tests/test_compat_trainer.py ---------------------------------------------------------------------
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _report_cuda_type(self, dtype=None, non_blocking=False, **kwargs):
+    """Tensor.type() that names a CPU tensor as its CUDA counterpart (only while a check runs)."""
+    if dtype is None and not kwargs:
+        name = _TENSOR_TYPE(self)
+        if self.device.type == "cpu" and name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    """Run fn while Tensor.type() reports CPU tensors as torch.cuda.* (restored afterwards)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        torch.Tensor.type = _report_cuda_type  # type: ignore[method-assign]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _TENSOR_TYPE  # type: ignore[method-assign]
+
+    return wrapped
+
+
+def _optimizer_cuda_tensors() -> None:
+    # The optimizers, gradient clipping, the grad scaler, DDP's grad buffers and megatron.core.utils'
+    # multi-tensor fallbacks allocate scalars and buffers with device="cuda" / current_device().
+    import megatron.core.utils as mutils
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    for module in (moptimizer, clip_grads, grad_scaler, distrib_optimizer, param_and_grad_buffer, mutils):
+        module.torch = _TorchProxy(dict(_CPU_FACTORIES))
+
+
+def _cuda_tensor_type_checks() -> None:
+    # Float16OptimizerWithFloat16Params, DistributedOptimizer and fp32 grad clipping accept parameters only
+    # if param.type() is 'torch.cuda.{Float,BFloat16,Half}Tensor'. Those three call sites see CUDA names.
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    f16 = moptimizer.Float16OptimizerWithFloat16Params
+    f16.__init__ = _with_cuda_type_names(f16.__init__)
+    dopt = distrib_optimizer.DistributedOptimizer
+    build = dopt.__dict__["_build_model_and_main_param_groups"].__func__
+    dopt._build_model_and_main_param_groups = classmethod(_with_cuda_type_names(build))
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    moptimizer.clip_grad_by_total_norm_fp32 = clip  # imported by name there
+
+
+def _dist_ckpt_cuda() -> None:
+    # torch_dist saving calls torch.cuda.synchronize() after staging tensors and all-reduces flags in
+    # device="cuda" / current_device() tensors.
+    from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async, state_dict_saver
+
+    cuda = _CudaNamespace({"synchronize": lambda *a, **k: None})
+    for module in (filesystem_async, state_dict_saver, async_utils):
+        module.torch = _TorchProxy({**_CPU_FACTORIES, "cuda": cuda})
+
+
+def _process_memory_without_psutil() -> None:
+    # filesystem_async measures the writer's RSS with psutil and raises if psutil is missing. Applied only
+    # when psutil is not installed: /proc/self/statm gives the same number on Linux.
+    import os
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "HAVE_PSUTIL", True):
+        return
+
+    def process_memory() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    filesystem_async._process_memory = process_memory
+
+
+def _distopt_torch_adam_state() -> None:
+    # Without Apex/TE the DistributedOptimizer wraps torch.optim.AdamW, which keeps a per-parameter "step"
+    # tensor. megatron-core 0.16.1 mishandles it in three places (applied only when HAVE_APEX_OR_TE is False):
+    #  * state_dict() asserts on an optimizer that has not stepped yet (e.g. building the load template);
+    #  * loading the fully_reshardable format copies every state key, but "step" is not in the file;
+    #  * load_state_dict() gives every parameter the *same* step tensor, so AdamW increments it once per
+    #    parameter per step and the bias correction is wrong after a resume (loss diverges from an
+    #    uninterrupted run, and differently per pipeline layout).
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    dopt = distrib_optimizer.DistributedOptimizer
+    state_dict, load_state_dict = dopt.state_dict, dopt.load_state_dict
+    set_states = dopt._set_main_param_and_optimizer_states
+
+    def fresh_state_dict(self):
+        if self.optimizer is not None and self.init_state_fn is not None:
+            fresh = [p for g in self.optimizer.param_groups for p in g["params"] if not self.optimizer.state[p]]
+            if fresh:  # what AdamW's first step would create: zero moments, step 0
+                self.init_state_fn(self.optimizer, self.config)
+                for p in fresh:
+                    self.optimizer.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+        return state_dict(self)
+
+    def set_states_without_step(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return set_states(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():  # "step" comes from the param groups, not from the file
+            dst[key].copy_(value)
+
+    def load_state_dict_unaliased(self, sd):
+        result = load_state_dict(self, sd)
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        return result
+
+    dopt.state_dict = fresh_state_dict
+    dopt._set_main_param_and_optimizer_states = set_states_without_step
+    dopt.load_state_dict = load_state_dict_unaliased
+
+
 ACCOMMODATIONS: tuple[Accommodation, ...] = (
     Accommodation("te_general_gemm", "0.16.1 NameError in router_gating_linear without Transformer Engine",
                   cpu_only=False, apply=_te_general_gemm),
@@ -152,6 +288,16 @@ ACCOMMODATIONS: tuple[Accommodation, ...] = (
                   cpu_only=True, apply=_p2p_synchronize),
     Accommodation("rng_tracker", "model-parallel RNG tracker and recompute use torch.cuda RNG state",
                   cpu_only=True, apply=_rng_tracker),
+    Accommodation("optimizer_cuda_tensors", "optimizers, grad clipping, grad buffers allocate on device='cuda'",
+                  cpu_only=True, apply=_optimizer_cuda_tensors),
+    Accommodation("cuda_tensor_type_checks", "optimizers and clipping accept only torch.cuda.* param.type()",
+                  cpu_only=True, apply=_cuda_tensor_type_checks),
+    Accommodation("dist_ckpt_cuda", "torch_dist save calls torch.cuda.synchronize and reduces on cuda",
+                  cpu_only=True, apply=_dist_ckpt_cuda),
+    Accommodation("process_memory_without_psutil", "torch_dist save needs psutil (only when it is missing)",
+                  cpu_only=False, apply=_process_memory_without_psutil),
+    Accommodation("distopt_torch_adam_state", "DistributedOptimizer + torch AdamW: step state bugs "
+                  "(only without Apex/TE)", cpu_only=False, apply=_distopt_torch_adam_state),
 )
 
 _applied: list[str] = []

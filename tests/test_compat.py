@@ -18,7 +18,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_apply_selects_by_version_and_device():
     names = lambda version, cuda: {a.name for a in compat.select(version, cuda)}  # noqa: E731
     assert names((0, 16, 1), cuda=False) == {a.name for a in compat.ACCOMMODATIONS}
-    assert names((0, 16, 1), cuda=True) == {"te_general_gemm"}
+    assert names((0, 16, 1), cuda=True) == {"te_general_gemm", "process_memory_without_psutil",
+                                             "distopt_torch_adam_state"}
     assert names((0, 17, 0), cuda=False) == set()
 
 

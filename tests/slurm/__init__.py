@@ -48,9 +48,11 @@ def ensure_debian_packages(binaries: dict[str, str]) -> None:
         pytest.skip(f"installing {missing} with apt-get needs root")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     lock_wait = ["-o", "DPkg::Lock::Timeout=300"]  # other test sessions may hold the dpkg lock
-    subprocess.run(["apt-get", *lock_wait, "update", "-qq"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", *lock_wait, "install", "-y", "-qq", "--no-install-recommends", *missing],
-                   check=True, env=env, capture_output=True)
+    for cmd in (["apt-get", *lock_wait, "update", "-qq"],
+                ["apt-get", *lock_wait, "install", "-y", "-qq", "--no-install-recommends", *missing]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
 
 def _free_ports(n: int) -> list[int]:

@@ -1,0 +1,65 @@
+"""``megatron-grin``: one console script, one subcommand per job; each module is imported only when used.
+
+    megatron-grin pretrain --config configs/local.yaml     # megatron_grin.train
+    megatron-grin preprocess --input a.jsonl --output-prefix data/a --tokenizer byte
+    megatron-grin convert to-hf --load CKPT --out HF_DIR
+    megatron-grin plan --config configs/cluster/h100x64.yaml
+    megatron-grin bench ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Sequence
+
+#: subcommand -> (module, function, one-line help)
+COMMANDS = {
+    "pretrain": ("megatron_grin.train", "main", "train a GRIN MoE (Megatron-LM flags; docs/training.md)"),
+    "preprocess": ("megatron_grin.data", "main", "tokenize text into a megatron indexed dataset"),
+    "convert": ("megatron_grin.convert", "main", "convert checkpoints to and from Hugging Face"),
+    "plan": ("megatron_grin.plan", "main", "memory and throughput plan for a cluster layout"),
+    "bench": ("megatron_grin.bench", "main", "micro-benchmarks"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: megatron-grin COMMAND [flags]   (megatron-grin COMMAND --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name in ("-V", "--version"):
+        from megatron_grin import __version__
+
+        print(f"megatron-grin {__version__}")
+        return 0
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        print(f"megatron-grin: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function, _ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:  # the module exists but one of its imports is missing: show that
+            raise
+        print(f"megatron-grin {name}: not built yet ({module_name} does not exist in this version)", file=sys.stderr)
+        return 2
+    sys.argv = [f"megatron-grin {name}", *rest]
+    result = getattr(module, function)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
