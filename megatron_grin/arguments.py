@@ -284,17 +284,23 @@ def _nearest(name: str, candidates: Sequence[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def check_flags(parser: argparse.ArgumentParser, argv: Sequence[str], origin: str = "") -> None:
-    """Reject flags the parser does not know, naming the nearest known one."""
-    known = set(known_flags(parser))
+def unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[tuple[str, str]]:
+    """Flags in argv (up to ``--``) that the parser does not know, each with a "did you mean" hint."""
+    known = known_flags(parser)
+    found = []
     for token in argv:
         if token == "--":
             break
-        if not token.startswith("--"):
-            continue
         flag = token.split("=", 1)[0]
-        if flag not in known:
-            raise ConfigError(f"unrecognized argument {flag}{origin}{_nearest(flag, sorted(known))}")
+        if flag.startswith("--") and flag not in known:
+            found.append((flag, _nearest(flag, known)))
+    return found
+
+
+def check_flags(parser: argparse.ArgumentParser, argv: Sequence[str], origin: str = "") -> None:
+    """Reject flags the parser does not know, naming the nearest known one."""
+    for flag, hint in unknown_flags(parser, argv)[:1]:
+        raise ConfigError(f"unrecognized argument {flag}{origin}{hint}")
 
 
 def yaml_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import hashlib
 import json
 import logging
@@ -671,19 +670,12 @@ def build_parser(prog: str = "megatron-grin preprocess") -> argparse.ArgumentPar
 
 
 def _check_unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    known = sorted(s for a in parser._actions for s in a.option_strings)
-    for token in argv:
-        if token == "--":
-            break
-        if not token.startswith("--"):
-            continue
-        flag = token.split("=", 1)[0]
-        if flag in known:
-            continue
+    from megatron_grin.arguments import unknown_flags
+
+    for flag, hint in unknown_flags(parser, argv)[:1]:
         if flag in _UNSUPPORTED_FLAGS:
             parser.error(f"{flag} is not supported: {_UNSUPPORTED_FLAGS[flag]}")
-        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.5)
-        parser.error(f"unrecognized argument {flag}" + (f"; did you mean {close[0]}?" if close else ""))
+        parser.error(f"unrecognized argument {flag}{hint}")
 
 
 def _tokenizer_spec(args: argparse.Namespace) -> str:
