@@ -59,6 +59,16 @@ EXPERT_BACKENDS: dict[str, Callable[[bool], ModuleSpec]] = {
 }
 
 
+def _register_optional_backends() -> None:
+    """Backends that live in ops/ (kept there beside their kernels) add themselves to the registry."""
+    from megatron_grin.ops.grouped_mlp import register
+
+    register(EXPERT_BACKENDS)
+
+
+_register_optional_backends()
+
+
 def resolve_backend(name: str) -> str:
     """Turn 'auto' into the concrete backend for this machine."""
     if name == "auto":
