@@ -1,46 +1,69 @@
 #!/usr/bin/env bash
-# Every CPU number in docs/performance.md: bash benchmarks/cpu_suite.sh  (~45 min on 2 cores).
+# Every CPU number in docs/performance.md: bash benchmarks/cpu_suite.sh  (~35 min on 2 cores).
 #
 # The primary runs use one thread and report process CPU time (--threads 1 --clock cpu): on a machine
 # shared with other jobs, wall time with 2 OpenMP threads swings by 2-5x (a descheduled thread stalls
 # every parallel region), while single-thread CPU time stays within a few percent. The default
 # configuration (2 threads, wall time) is run too, for reference.
-# Both allocators: glibc (default) and jemalloc (Debian: apt-get install -y libjemalloc2).
+#
+# Two allocators (the issue's protocol):
+#   glibc    the default. Blocks over 32 MiB are mmapped and unmapped on free, so every step page-faults
+#            them back in (tens of thousands of faults per step), which taxes big-tensor code (dense) most.
+#   caching  Debian's jemalloc (apt-get install -y libjemalloc2), never releasing memory
+#            (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1): no page faults after warm-up, so the
+#            ratios show compute alone. Plain LD_PRELOAD jemalloc (decay on) is neither: it returns
+#            pages every few ms and faults more than glibc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
 JEMALLOC=${JEMALLOC:-/usr/lib/x86_64-linux-gnu/libjemalloc.so.2}
 OUT=${OUT:-benchmarks/results}
-bench() { python -m megatron_grin bench "$@" --out-dir "$OUT"; }
 ONE=(--threads 1 --clock cpu)
+ALL=(--backends sequential,grouped_mm --baselines dense,megatron,hf)
 
-for alloc in glibc jemalloc; do
-  pre=(); [ "$alloc" = jemalloc ] && pre=(env LD_PRELOAD="$JEMALLOC")
+bench() {  # bench ALLOCATOR KIND ARGS...: one megatron-grin bench run under glibc or the caching jemalloc
+  local alloc=$1; shift
+  if [ "$alloc" = caching ]; then
+    LD_PRELOAD="$JEMALLOC" MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \
+      python -m megatron_grin bench "$@" --out-dir "$OUT"
+  else
+    python -m megatron_grin bench "$@" --out-dir "$OUT"
+  fi
+}
+
+# the targets: GRIN's proportions at CPU scale, one thread, both dtypes, both allocators
+for alloc in glibc caching; do
   for dtype in fp32 bf16; do
-    "${pre[@]}" python -m megatron_grin bench moe-layer --dtype "$dtype" "${ONE[@]}" --reps 7 --out-dir "$OUT" \
-      --backends sequential,grouped_mm,grouped_mm_forced --name "moe-layer-cpu-$dtype-1t-$alloc"
+    bench "$alloc" moe-layer --dtype "$dtype" "${ONE[@]}" --reps 9 "${ALL[@]}" \
+      --name "moe-layer-cpu-$dtype-1t-$alloc"
   done
 done
-for dtype in fp32 bf16; do  # GRIN's input jitter off: what the GRIN-specific noise costs
-  bench moe-layer --dtype "$dtype" "${ONE[@]}" --reps 7 --no-memory --input-jitter 0 --baselines dense,megatron \
-    --backends sequential,grouped_mm --name "moe-layer-cpu-$dtype-1t-nojitter-glibc"
-done
-for dtype in fp32 bf16; do  # the default configuration: 2 threads, wall time
-  bench moe-layer --dtype "$dtype" --reps 7 --no-memory --name "moe-layer-cpu-$dtype-2t-wall-glibc"
-done
-# skewed routing (logit bias 3: expert 0 is favoured e^3 = 20x over expert 15 before masking)
-bench moe-layer --imbalance 3 "${ONE[@]}" --reps 5 --backends sequential,grouped_mm \
-  --name moe-layer-cpu-fp32-1t-imbalance3-glibc
-# routing alone, as a share of the layer
+# the expert modules alone (no router, no dispatcher), on the same expert-sorted rows
 for dtype in fp32 bf16; do
-  bench routing --dtype "$dtype" "${ONE[@]}" --reps 9 --backends grouped_mm --name "routing-cpu-$dtype-1t-glibc"
+  LD_PRELOAD="$JEMALLOC" MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 python benchmarks/experts_only.py \
+    --dtype "$dtype" --reps 9 --out "$OUT/experts-only-cpu-$dtype-1t-caching.json" | grep -v Warn \
+    > "$OUT/experts-only-cpu-$dtype-1t-caching.md"
 done
-# expert counts at fixed tokens: step memory beyond the experts' own weight gradients must not grow with E
-for e in 8 32 64; do
-  bench moe-layer --experts "$e" "${ONE[@]}" --baselines dense --backends sequential,grouped_mm --reps 3 \
-    --name "moe-layer-cpu-fp32-1t-e$e-glibc"
+# routing alone (SparseMixer op, and the whole router with gating and input jitter) as a share of the layer
+for dtype in fp32 bf16; do
+  bench caching routing --dtype "$dtype" "${ONE[@]}" --reps 9 --backends grouped_mm --name "routing-cpu-$dtype-1t-caching"
+done
+# other shapes: fewer/more experts, skewed routing (logit bias 3: expert 0 favoured e^3 = 20x over expert 15)
+for dtype in fp32 bf16; do
+  for shape in "--experts 8:e8" "--experts 32:e32" "--imbalance 3:imbalance3"; do
+    bench caching moe-layer --dtype "$dtype" ${shape%%:*} "${ONE[@]}" --reps 5 "${ALL[@]}" \
+      --name "moe-layer-cpu-$dtype-1t-${shape##*:}-caching"
+  done
+done
+# GRIN's input jitter off: what the GRIN-specific noise costs
+bench caching moe-layer --dtype bf16 --input-jitter 0 "${ONE[@]}" --reps 7 --no-memory \
+  --backends grouped_mm --baselines dense,megatron --name moe-layer-cpu-bf16-1t-nojitter-caching
+# the default configuration: 2 threads, wall time
+for dtype in fp32 bf16; do
+  bench glibc moe-layer --dtype "$dtype" --reps 7 --no-memory "${ALL[@]}" --name "moe-layer-cpu-$dtype-2t-wall-glibc"
 done
 # a few-layer GRIN model: tokens/s and MFU against a GEMM peak measured on the same thread count
 for backend in sequential grouped_mm; do
-  bench model --backends "$backend" "${ONE[@]}" --reps 3 --name "model-cpu-fp32-1t-$backend-glibc"
+  bench caching model --backends "$backend" "${ONE[@]}" --reps 3 --name "model-cpu-fp32-1t-$backend-caching"
 done
+python benchmarks/summarize.py "$OUT" > "$OUT/SUMMARY.md"

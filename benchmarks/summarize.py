@@ -20,24 +20,53 @@ def _expert_bytes(meta: dict) -> int:
     return 3 * args["hidden"] * args["ffn"] * args["experts"] * width
 
 
-def main(results_dir: str = "benchmarks/results") -> None:
+def _load(results_dir: str) -> list[tuple[str, dict]]:
+    out = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         with open(path) as f:
             result = json.load(f)
-        meta = result.get("meta")
-        if not meta or "kind" not in meta:
+        if result.get("meta", {}).get("kind"):
+            out.append((os.path.basename(path)[:-5], result))
+    return out
+
+
+def summary_table(runs: list[tuple[str, dict]]) -> str:
+    """One line per moe-layer run: every implementation as x dense, and our best backend vs the baselines."""
+    lines = ["| run | x dense: ours (sequential) | ours (grouped_mm) | megatron MoELayer | HF Phimoe | "
+             "best ours / megatron | best ours / HF | ours (grouped_mm) step peak / dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, result in runs:
+        if result["meta"]["kind"] != "moe-layer":
             continue
+        rows = result["rows"]
+        by_name = {r["name"]: r for r in rows}
+        ratio = {key: by_name.get(f"GRIN MoE ({key})", {}).get("ratio_to_dense") for key in ("sequential", "grouped_mm")}
+        megatron = next((r["ratio_to_dense"] for r in rows if r["role"] == "megatron"), None)
+        hf = next((r["ratio_to_dense"] for r in rows if r["role"] == "hf"), None)
+        ours = min((v for v in ratio.values() if v), default=None)
+        dense = next((r for r in rows if r["role"] == "dense"), {})
+        grouped = by_name.get("GRIN MoE (grouped_mm)", {})
+        mem = (grouped["step_peak_bytes"] / dense["step_peak_bytes"]
+               if grouped.get("step_peak_bytes") and dense.get("step_peak_bytes") else None)
+        cells = [ratio["sequential"], ratio["grouped_mm"], megatron, hf,
+                 ours / megatron if ours and megatron else None, ours / hf if ours and hf else None, mem]
+        lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(results_dir: str = "benchmarks/results") -> None:
+    runs = _load(results_dir)
+    print("## Summary (ratios of medians; < 1 in the two 'best ours' columns means ours is faster)\n")
+    print(summary_table(runs) + "\n")
+    for stem, result in runs:
+        meta = result["meta"]
         env = meta["environment"]
-        print(f"### {os.path.basename(path)[:-5]}\n\n`{meta['command']}`  \n{meta['shape_line']}; "
+        print(f"### {stem}\n\n`{meta['command']}`  \n{meta['shape_line']}; "
               f"allocator {env['allocator']}, {env['threads']} threads, {env.get('cpu') or env.get('gpu')}, "
               f"{meta['date']}\n")
         print(markdown_table(meta["kind"], result))
         if meta["kind"] == "moe-layer":
-            grads = _expert_bytes(meta) / 2**20
-            for row in result["rows"]:
-                if row["role"] == "ours" and row.get("step_peak_bytes"):
-                    print(f"\n{row['name']}: step peak minus expert weight grads = "
-                          f"{row['step_peak_bytes'] / 2**20 - grads:.0f} MiB", end="")
+            print(f"\nexpert weights: {_expert_bytes(meta) / 2**20:.0f} MiB (their grads as much again)", end="")
             load = result.get("routing_load", {})
             for backend, stats in load.items():
                 if stats:

@@ -69,14 +69,18 @@ def setup_megatron(device: str, seed: int = 0) -> None:
 
 
 def allocator() -> str:
-    """'jemalloc' when preloaded (LD_PRELOAD=.../libjemalloc.so.2), else the glibc default."""
+    """'glibc' (the default), 'jemalloc' (preloaded) or 'caching' (jemalloc that never returns memory:
+    MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1, so no page faults after warm-up)."""
+    preloaded = "jemalloc" in os.environ.get("LD_PRELOAD", "")
     try:
         with open("/proc/self/maps") as maps:
-            if "jemalloc" in maps.read():
-                return "jemalloc"
+            preloaded = preloaded or "jemalloc" in maps.read()
     except OSError:
         pass
-    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+    if not preloaded:
+        return "glibc"
+    conf = os.environ.get("MALLOC_CONF", "")
+    return "caching" if "dirty_decay_ms:-1" in conf and "muzzy_decay_ms:-1" in conf else "jemalloc"
 
 
 def environment(device: str) -> dict:
@@ -86,7 +90,8 @@ def environment(device: str) -> dict:
     info = {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "device": device, "threads": torch.get_num_threads(), "allocator": allocator(),
-            "LD_PRELOAD": os.environ.get("LD_PRELOAD", ""), "hostname": platform.node()}
+            "LD_PRELOAD": os.environ.get("LD_PRELOAD", ""),
+            "MALLOC_CONF": os.environ.get("MALLOC_CONF", ""), "hostname": platform.node()}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     else:
@@ -123,22 +128,34 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _minor_faults() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):  # not POSIX
+        return 0
+
+
 def time_interleaved(cases: list[Case], warmup: int, reps: int, device: str) -> dict[str, dict[str, list[float]]]:
-    """Wall and process-CPU seconds per step for every case; each repetition runs all cases, starting at a
-    rotating offset. CPU time (all threads) does not count the time other processes hold the cores."""
-    samples = {c.name: {"wall": [], "cpu": []} for c in cases}
+    """Wall and process-CPU seconds (and minor page faults) per step for every case; each repetition runs
+    all cases, starting at a rotating offset. CPU time (all threads) does not count the time other
+    processes hold the cores; page faults show what the allocator costs (glibc unmaps blocks > 32 MiB)."""
+    samples = {c.name: {"wall": [], "cpu": [], "faults": []} for c in cases}
     for rep in range(warmup + reps):
         shift = rep % len(cases)
         for case in cases[shift:] + cases[:shift]:
             _sync(device)
-            wall, cpu = time.perf_counter(), time.process_time()
+            faults, wall, cpu = _minor_faults(), time.perf_counter(), time.process_time()
             case.step()
             _sync(device)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            faults = _minor_faults() - faults
             case.reset()
             if rep >= warmup:
                 samples[case.name]["wall"].append(wall)
                 samples[case.name]["cpu"].append(cpu)
+                samples[case.name]["faults"].append(faults)
     return samples
 
 
@@ -180,7 +197,8 @@ def summarize(samples: dict[str, list[float]], clock: str) -> dict:
             "wall_median_ms": statistics.median(samples["wall"]) * 1e3,
             "cpu_median_ms": statistics.median(samples["cpu"]) * 1e3,
             "samples_ms": ms, "wall_samples_ms": [s * 1e3 for s in samples["wall"]],
-            "cpu_samples_ms": [s * 1e3 for s in samples["cpu"]]}
+            "cpu_samples_ms": [s * 1e3 for s in samples["cpu"]],
+            "page_faults_per_step": statistics.median(samples["faults"]) if samples.get("faults") else None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -546,13 +564,14 @@ def markdown_table(kind: str, result: dict) -> str:
     clock = rows[0].get("clock", "wall")
     other = "cpu" if clock == "wall" else "wall"
     if kind == "moe-layer":
-        lines = [f"| implementation | {clock} median ms | min-max ms | x dense | {other} median ms | peak MiB | "
-                 "step peak MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines = [f"| implementation | {clock} median ms | min-max ms | x dense | {other} median ms | "
+                 "page faults/step | peak MiB | step peak MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             ratio = f"{r['ratio_to_dense']:.3f}" if r.get("ratio_to_dense") else "-"
+            faults = r.get("page_faults_per_step")
             lines.append(f"| {r['name']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {ratio} | "
-                         f"{r[f'{other}_median_ms']:.1f} | {_fmt_bytes(r.get('peak_bytes'))} | "
-                         f"{_fmt_bytes(r.get('step_peak_bytes'))} |")
+                         f"{r[f'{other}_median_ms']:.1f} | {'n/a' if faults is None else f'{faults:.0f}'} | "
+                         f"{_fmt_bytes(r.get('peak_bytes'))} | {_fmt_bytes(r.get('step_peak_bytes'))} |")
     elif kind == "routing":
         lines = [f"| what | {clock} median ms | min-max ms | share of layer |", "|---|---:|---:|---:|"]
         for r in rows:

@@ -70,9 +70,14 @@ _register_optional_backends()
 
 
 def resolve_backend(name: str) -> str:
-    """Turn 'auto' into the concrete backend for this machine."""
+    """Turn 'auto' into the concrete backend for this machine.
+
+    Transformer Engine's GroupedLinear where installed (GPU clusters), else "grouped_mm": torch's grouped
+    GEMM on sm90+ bf16 and, on CPU, one autograd node looping over whole expert MLPs, measured faster
+    than SequentialMLP in fp32 and bf16 (docs/performance.md).
+    """
     if name == "auto":
-        return "te_grouped" if have_transformer_engine() else "sequential"
+        return "te_grouped" if have_transformer_engine() else "grouped_mm"
     if name not in EXPERT_BACKENDS:
         raise ValueError(f"--grin-expert-backend {name!r} is unknown; choose one of "
                          f"{['auto', *EXPERT_BACKENDS]}.")

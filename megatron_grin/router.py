@@ -245,10 +245,8 @@ class SparseMixerV2Router(TopKRouter):
             gen = self._generators[hidden_SBH.device] = torch.Generator(device=hidden_SBH.device)
         gen.manual_seed(seed)
         s_local, batch, hidden = hidden_SBH.shape
-        noise = torch.rand(s_local * tp, batch, hidden, generator=gen, device=hidden_SBH.device,
-                           dtype=torch.float32)[tp_rank * s_local:(tp_rank + 1) * s_local]
-        noise = noise.mul_(2 * self.input_jitter_eps).add_(1.0 - self.input_jitter_eps)
-        return hidden_SBH * noise.to(hidden_SBH.dtype)
+        noise = routing_rng.jitter_noise((s_local * tp, batch, hidden), self.input_jitter_eps, hidden_SBH.dtype, gen)
+        return hidden_SBH * noise[tp_rank * s_local:(tp_rank + 1) * s_local]
 
     # -- routing ------------------------------------------------------------------------------
     def jitter_and_route(self, hidden_SBH: torch.Tensor, padding_mask=None):

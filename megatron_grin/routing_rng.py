@@ -34,33 +34,45 @@ STREAM_ROUTING = 0
 STREAM_INPUT_JITTER = 1
 
 
-def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of a*b for a 32-bit constant a and an int64 tensor of uint32 values."""
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    p_lo = b_lo * a  # < 2**48
-    p_hi = b_hi * a  # < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi & _M32, lo
-
-
 def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
-    """Philox4x32 on int64 tensors holding uint32 values (Triton's ``tl.philox`` round structure)."""
+    """Philox4x32 on int64 tensors holding uint32 values (Triton's ``tl.philox`` round structure).
+
+    A 32x32-bit product fits in 64 bits; int64 multiplication wraps modulo 2**64, so its low 64 bits are
+    exact and one multiply gives both halves (``p >> 32`` sign-extends, which the 32-bit masks undo).
+    c1/c3 keep their high garbage between rounds: they are only XORed into masked words.
+    """
     c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _M32 for c in (c0, c1, c2, c3))
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     k0, k1 = k0 & _M32, k1 & _M32
     for _ in range(rounds):
-        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        prod_b, prod_a = c2 * PHILOX_ROUND_B, c0 * PHILOX_ROUND_A
+        c0, c1 = ((prod_b >> 32) ^ c1 ^ k0) & _M32, prod_b
+        c2, c3 = ((prod_a >> 32) ^ c3 ^ k1) & _M32, prod_a
         k0 = (k0 + PHILOX_KEY_A) & _M32
         k1 = (k1 + PHILOX_KEY_B) & _M32
-    return c0, c1, c2, c3
+    return c0, c1 & _M32, c2, c3 & _M32
 
 
 def bits_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """uint32 (in int64) -> float32 strictly inside (0, 1)."""
     return ((x >> 9).to(torch.float32) + 0.5) * (2.0**-23)
+
+
+def jitter_noise(shape: tuple[int, ...], eps: float, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """1 + eps * U(-1, 1) of ``shape`` in ``dtype``, from 16 random bits per element.
+
+    Why not ``uniform_``: four 16-bit values per 64-bit draw halve the generator's work (the input
+    jitter is one draw per activation element), and 65536 levels are finer than the fp32 grid of
+    [1-eps, 1+eps] for GRIN's eps=0.01. The value is rounded to ``dtype`` once, from fp32 (torch's bf16
+    ``uniform_`` truncates instead: U(0.99, 1.01) in bf16 averages 0.994).
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=generator.device)
+    words.random_(-(2**63), None, generator=generator)  # all 64 bits
+    bits = words.view(torch.int16)[:numel].view(shape)  # [-32768, 32767]
+    return torch.add(1.0 + eps / 65536, bits.to(torch.float32), alpha=eps / 32768).to(dtype)
 
 
 def routing_uniforms(token_ids: torch.Tensor, num_lanes: int, top_k: int, *, seed: int, iteration: int,

@@ -4,6 +4,10 @@ Parameter names in a pipeline chunk use local layer indices; each TransformerLay
 ``layer_number``. Tensor-parallel params carry megatron's ``tensor_model_parallel`` / ``partition_dim``
 attributes. SwiGLU expert ``linear_fc1`` is special: each TP rank holds [gate_r; up_r], so the full
 [gate; up] tensor is split per half, not contiguously.
+
+Full tensors always use SequentialMLP's per-expert names (``experts.local_experts.{e}.linear_fc1.weight``);
+the "grouped_mm" backend's stacked ``experts.fc1_weight`` [E, 2F, H] / ``experts.fc2_weight`` [E, H, F]
+are translated here, so callers never see which expert backend a model was built with.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 _LOCAL_LAYER = re.compile(r"^(.*decoder\.layers\.)(\d+)(\..*)$")
+_STACKED_EXPERTS = re.compile(r"^(.*\.experts\.)fc([12])_weight$")  # GroupedMMExperts' 3D weights
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -35,18 +40,41 @@ def global_name(model: torch.nn.Module, local_name: str) -> str:
 
 
 def _is_glu_fc1(name: str) -> bool:
-    return name.endswith("linear_fc1.weight") and ".experts." in name
+    return (name.endswith("linear_fc1.weight") and ".experts." in name) or name.endswith(".experts.fc1_weight")
+
+
+def per_expert_names(name: str, num_experts: int) -> list[str] | None:
+    """SequentialMLP's per-expert names for a stacked GroupedMMExperts weight, else None."""
+    match = _STACKED_EXPERTS.match(name)
+    if match is None:
+        return None
+    return [f"{match.group(1)}local_experts.{e}.linear_fc{match.group(2)}.weight" for e in range(num_experts)]
+
+
+def expand_stacked_experts(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert views (SequentialMLP names) in place of stacked GroupedMMExperts weights; others as they are."""
+    out = {}
+    for name, tensor in tensors.items():
+        names = per_expert_names(name, tensor.shape[0]) if tensor is not None else None
+        if names:
+            out.update(zip(names, tensor.unbind(0)))
+        else:
+            out[name] = tensor
+    return out
+
+
+def _split(full: torch.Tensor, dim: int, glu: bool, tp_rank: int, tp_size: int) -> torch.Tensor:
+    if glu:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp_size, dim=dim)[tp_rank], up.chunk(tp_size, dim=dim)[tp_rank]], dim=dim)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
 def shard(full: torch.Tensor, param: torch.nn.Parameter, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This rank's slice of a full tensor for ``param``."""
     if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
-    dim = param.partition_dim
-    if _is_glu_fc1(name):
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp_size, dim=dim)[tp_rank], up.chunk(tp_size, dim=dim)[tp_rank]], dim=dim)
-    return full.chunk(tp_size, dim=dim)[tp_rank]
+    return _split(full, param.partition_dim, _is_glu_fc1(name), tp_rank, tp_size)
 
 
 @torch.no_grad()
@@ -56,11 +84,18 @@ def load_full_state(model: torch.nn.Module, full: Mapping[str, torch.Tensor], st
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for name, param in unwrap(model).named_parameters():
         key = global_name(model, name)
-        if key not in full:
+        expert_keys = per_expert_names(key, param.shape[0])
+        needed = expert_keys or [key]
+        if any(k not in full for k in needed):
             if strict:
-                raise KeyError(f"no tensor for parameter {key}")
+                raise KeyError(f"no tensor for parameter {next(k for k in needed if k not in full)}")
             continue
-        src = shard(full[key], param, name, tp_rank, tp_size)
+        if expert_keys:  # stack the experts' shards; the per-expert TP dim is one lower
+            split = tp_size > 1 and getattr(param, "tensor_model_parallel", False)
+            src = torch.stack([_split(full[k], param.partition_dim - 1, _is_glu_fc1(name), tp_rank, tp_size)
+                               if split else full[k] for k in expert_keys])
+        else:
+            src = shard(full[key], param, name, tp_rank, tp_size)
         if src.shape != param.shape:
             raise ValueError(f"{key}: shard shape {tuple(src.shape)} != parameter shape {tuple(param.shape)}")
         param.copy_(src.to(param.dtype))
@@ -86,4 +121,4 @@ def gather_full(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor] | No
             else:
                 local = torch.cat(parts, dim=dim)
         out[global_name(model, name)] = local
-    return out
+    return expand_stacked_experts(out)

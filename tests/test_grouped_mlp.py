@@ -119,7 +119,23 @@ def _single_rank(rank, world, port, tmp):
     res["bf16_rel_err"] = max(_max_err(a, b) / max(b.float().abs().max().item(), 1e-6) for a, b in zip(out_g, out_s))
     res["bf16_dtype"] = out_g[0].dtype == torch.bfloat16
     res["layers"] = {backend: _grin_layer(backend) for backend in ("sequential", "grouped_mm")}
+    res["jitter"] = {dtype: _jitter_draws(dtype) for dtype in (torch.float32, torch.bfloat16)}
     return res
+
+
+def _jitter_draws(dtype, eps=0.1):
+    """GRIN's input jitter x * U(1-eps, 1+eps) on ones: two draws with one key, one with the next key."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_grin import routing_rng
+    from megatron_grin.spec import grin_moe_spec
+
+    layer = build_module(grin_moe_spec("sequential"), config=_tconfig(input_jitter_eps=eps), layer_number=1)
+    layer.set_layer_number(1)
+    routing_rng.set_routing_iteration(3)
+    ones = torch.ones(256, 2, HIDDEN, dtype=dtype)
+    return (layer.router._jitter(ones, (3, 0)), layer.router._jitter(ones, (3, 0)),
+            layer.router._jitter(ones, (3, 1)))
 
 
 def _grin_layer(backend):
@@ -192,6 +208,16 @@ def test_same_init_and_maths_as_sequential(single_rank):
 def test_zero_token_experts(single_rank):
     assert single_rank["idle_expert_grads_zero_True"] and single_rank["idle_expert_grads_zero_False"]
     assert single_rank["empty"] == ((0, HIDDEN), True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_jitter_is_uniform_and_replayable(single_rank, dtype, eps=0.1):
+    first, again, other = single_rank["jitter"][dtype]
+    assert first.dtype == dtype and torch.equal(first, again) and not torch.equal(first, other)
+    noise = first.double()
+    assert noise.min() >= 1 - eps - 1e-2 and noise.max() <= 1 + eps + 1e-2  # bf16 rounds near the ends
+    assert abs(noise.mean().item() - 1) < 2e-3
+    assert abs(noise.std().item() - eps / 3**0.5) < 3e-3  # the std of U(1-eps, 1+eps)
 
 
 def test_checkpoints_move_between_backends(single_rank):

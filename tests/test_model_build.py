@@ -19,7 +19,9 @@ def _meta_counts(rank, world, port):
     total = sum(p.numel() for p in params.values())
     experts = sum(p.numel() for n, p in params.items() if ".experts." in n)
     padding = 2 * (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size + (cfg.padded_vocab_size - cfg.vocab_size)
-    mapped = set(to_hf({n: p for n, p in params.items()}, cfg))
+    from megatron_grin.sharding import expand_stacked_experts
+
+    mapped = set(to_hf(expand_stacked_experts(params), cfg))
     return total - padding, experts, mapped == set(hf_keys(cfg))
 
 
@@ -52,8 +54,12 @@ def _zero_token_experts(rank, world, port):
     loss = model(tokens, pos, None, labels=tokens).mean()
     loss.backward()
     counts = model.decoder.layers[0].mlp.router.stats.as_tensor()[: cfg.num_experts]
-    idle_grads = [p.grad for n, p in model.named_parameters() if "local_experts.7." in n]
-    busy_grads = [p.grad for n, p in model.named_parameters() if "layers.0.mlp.experts.local_experts.0." in n]
+    from megatron_grin.sharding import expand_stacked_experts
+
+    grads = expand_stacked_experts({n: p.grad for n, p in model.named_parameters()})  # any expert backend
+    idle_grads = [g for n, g in grads.items() if "local_experts.7." in n]
+    busy_grads = [g for n, g in grads.items() if "layers.0.mlp.experts.local_experts.0." in n]
+    assert idle_grads and busy_grads
     return (float(loss), counts, all(g is None or torch.count_nonzero(g) == 0 for g in idle_grads),
             all(g is not None and torch.count_nonzero(g) > 0 for g in busy_grads))
 

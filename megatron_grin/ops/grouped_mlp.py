@@ -5,8 +5,9 @@ activation (in fp32 when the probs are fp32) and saves both SwiGLU inputs and it
 TEGroupedMLP needs Transformer Engine. This module holds all experts in two 3D parameters, so no
 per-step allocation grows with the number of experts beyond the permuted activations, and:
   * on CUDA sm90+ in bf16, runs each projection for all experts as one ``torch.nn.functional.grouped_mm``;
-  * elsewhere (CPU), loops over whole expert MLPs, so each expert's [rows, 2F] activation is still in
-    cache for its SwiGLU (measured faster than grouped_mm's CPU path; docs/performance.md);
+  * elsewhere (CPU), loops over whole expert MLPs inside one autograd node, writing every GEMM into
+    slices of preallocated buffers, so each expert's [rows, 2F] activation is still in cache for its
+    SwiGLU (measured faster than grouped_mm's CPU path and than SequentialMLP; docs/performance.md);
   * SwiGLU is one autograd node that saves only fc1's output and writes its gradient over it in place;
   * the routing weight scales fc2's [N, H] output (H < F in GRIN), the same maths since fc2 has no bias,
     with the router gradient accumulated in fp32.
@@ -90,17 +91,10 @@ class _ScaleRows(torch.autograd.Function):
 
 
 def _rowwise_dot_fp32(a_NH: torch.Tensor, b_NH: torch.Tensor) -> torch.Tensor:
-    """fp32 <a[n], b[n]> for every row. bf16 on CPU: in ~1 MiB row chunks, so the fp32 copies stay in cache."""
+    """fp32 <a[n], b[n]> for every row (bf16 products are exact in fp32; 4x faster than einsum's bmm on CPU)."""
     if a_NH.dtype == torch.float32 and b_NH.dtype == torch.float32:
-        return torch.einsum("nh,nh->n", a_NH, b_NH)
-    if a_NH.device.type != "cpu":
-        return torch.einsum("nh,nh->n", a_NH.float(), b_NH.float())
-    rows = max(1, 2**18 // max(1, a_NH.shape[1]))
-    out = torch.empty(a_NH.shape[0], dtype=torch.float32, device=a_NH.device)
-    for start in range(0, a_NH.shape[0], rows):
-        chunk = slice(start, start + rows)
-        out[chunk] = torch.einsum("nh,nh->n", a_NH[chunk].float(), b_NH[chunk].float())
-    return out
+        return a_NH.mul(b_NH).sum(-1)
+    return a_NH.float().mul_(b_NH).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,23 +132,81 @@ def grouped_linear(x_NK: torch.Tensor, weight_EMK: torch.Tensor, offsets_E: torc
     return _ContiguousGrad.apply(_grouped_mm_fn()(x_NK, weight_EMK.transpose(-2, -1), offs=offsets_E))
 
 
-def _expert_loop(x_NH, fc1_EFH, fc2_EHF, counts: list[int], probs_N):
-    """One whole SwiGLU MLP per expert that has rows, then one cat (the CPU path).
+class _ExpertLoop(torch.autograd.Function):
+    """Every expert's SwiGLU MLP, scaled by its routing weights, as one autograd node (the CPU path).
 
-    Why per expert: each expert's [rows, 2F] activation is still in cache for its SwiGLU, and per-expert
-    buffers (~10 MB) stay under glibc's mmap threshold, so they are reused without page faults; one
-    [N, 2F] buffer measured slower on CPU for both reasons (docs/performance.md).
+    Why one node: each expert's GEMMs write straight into slices of preallocated [N, ...] buffers
+    (``torch.mm(out=)``), so there is no per-expert autograd graph, no output ``cat``, no gradient
+    ``cat``/``stack`` for the split input and the unbound weights, and each expert's activation is
+    still in cache for its SwiGLU. Saved: x, fc1's output h [N, 2F], the SwiGLU output a [N, F] and,
+    with probs, the unscaled output y [N, H]; the backward recomputes silu(gate) and writes the
+    gradients over h and a in place (so it runs once: a retain_graph re-run is refused).
     """
-    fc1, fc2 = fc1_EFH.unbind(0), fc2_EHF.unbind(0)  # one UnbindBackward each: weight grads assembled once
-    probs = probs_N.split(counts) if probs_N is not None else [None] * len(counts)
-    outs = []
-    for e, x_e in enumerate(x_NH.split(counts)):
-        if counts[e]:
-            y_e = F.linear(_SwiGLU.apply(F.linear(x_e, fc1[e])), fc2[e])
-            outs.append(y_e if probs[e] is None else _ScaleRows.apply(y_e, probs[e]))
-    if not outs:  # no rows at all: an empty output that still gives the weights (zero) grads
-        return _SwiGLU.apply(x_NH @ fc1_EFH[0].t()) @ fc2_EHF[0].t()
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def forward(ctx, x_NH, fc1_EFH, fc2_EHF, probs_N, counts: list[int]):
+        rows, hidden = x_NH.shape
+        ffn = fc2_EHF.shape[2]
+        out_NH = x_NH.new_empty(rows, hidden)
+        h_N2F, a_NF = x_NH.new_empty(rows, 2 * ffn), x_NH.new_empty(rows, ffn)
+        y_NH = out_NH if probs_N is None else x_NH.new_empty(rows, hidden)
+        scale_N1 = None if probs_N is None else probs_N.to(x_NH.dtype).unsqueeze(-1)
+        for e, part in _expert_slices(counts):
+            h = torch.mm(x_NH[part], fc1_EFH[e].t(), out=h_N2F[part])
+            gate, up = h.chunk(2, dim=-1)
+            a = torch.ops.aten.silu.out(gate, out=a_NF[part]).mul_(up)
+            y = torch.mm(a, fc2_EHF[e].t(), out=y_NH[part])
+            if scale_N1 is not None:
+                torch.mul(y, scale_N1[part], out=out_NH[part])
+        ctx.counts, ctx.spent = counts, False
+        ctx.save_for_backward(x_NH, fc1_EFH, fc2_EHF, probs_N, h_N2F, a_NF, None if probs_N is None else y_NH)
+        return out_NH
+
+    @staticmethod
+    def backward(ctx, grad_NH):
+        if ctx.spent:
+            raise RuntimeError("grouped_mm experts: backward ran twice (retain_graph is not supported)")
+        ctx.spent = True
+        x_NH, fc1_EFH, fc2_EHF, probs_N, h_N2F, a_NF, y_NH = ctx.saved_tensors
+        grad_NH = grad_NH.contiguous()
+        grad_x = torch.empty_like(x_NH) if ctx.needs_input_grad[0] else None
+        grad_fc1, grad_fc2 = torch.empty_like(fc1_EFH), torch.empty_like(fc2_EHF)
+        grad_p = (torch.empty(x_NH.shape[0], dtype=torch.float32, device=x_NH.device)
+                  if probs_N is not None and ctx.needs_input_grad[3] else None)
+        scale_N1 = None if probs_N is None else probs_N.to(x_NH.dtype).unsqueeze(-1)
+        for e, count in enumerate(ctx.counts):
+            if not count:
+                grad_fc1[e].zero_()
+                grad_fc2[e].zero_()
+        for e, part in _expert_slices(ctx.counts):
+            g = grad_NH[part]
+            if grad_p is not None:
+                grad_p[part] = _rowwise_dot_fp32(g, y_NH[part])
+            if scale_N1 is not None:
+                g = g * scale_N1[part]
+            a = a_NF[part]
+            torch.mm(g.t(), a, out=grad_fc2[e])
+            grad_a = torch.mm(g, fc2_EHF[e], out=a)  # a's last use was the line above
+            h = h_N2F[part]
+            gate, up = h.chunk(2, dim=-1)
+            scratch = grad_a * up  # the last read of up
+            torch.ops.aten.silu.out(gate, out=up).mul_(grad_a)  # d/d up = silu(gate) * g
+            torch.ops.aten.silu_backward.grad_input(scratch, gate, grad_input=gate)  # d/d gate, in place
+            torch.mm(h.t(), x_NH[part], out=grad_fc1[e])
+            if grad_x is not None:
+                torch.mm(h, fc1_EFH[e], out=grad_x[part])
+        if grad_p is not None:
+            grad_p = grad_p.to(probs_N.dtype)
+        return grad_x, grad_fc1, grad_fc2, grad_p, None
+
+
+def _expert_slices(counts: list[int]):
+    """(expert, row slice) for every expert that has rows, in order."""
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            yield e, slice(start, start + count)
+            start += count
 
 
 def grouped_swiglu_mlp(x_NH: torch.Tensor, fc1_EFH: torch.Tensor, fc2_EHF: torch.Tensor,
@@ -179,7 +231,7 @@ def grouped_swiglu_mlp(x_NH: torch.Tensor, fc1_EFH: torch.Tensor, fc2_EHF: torch
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x_NH)
     if not use_grouped_mm:
-        return _expert_loop(x_NH, fc1_EFH, fc2_EHF, counts, probs_N)
+        return _ExpertLoop.apply(x_NH, fc1_EFH, fc2_EHF, probs_N, counts)
     offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_NH.device, non_blocking=True)
     y_NH = grouped_linear(_SwiGLU.apply(grouped_linear(x_NH, fc1_EFH, offsets)), fc2_EHF, offsets)
     return y_NH if probs_N is None else _ScaleRows.apply(y_NH, probs_N)
