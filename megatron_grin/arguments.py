@@ -493,7 +493,7 @@ def _validate_files(cfg: GrinConfig, tcfg: TrainConfig) -> None:
     if tcfg.load:
         from megatron_grin.checkpointing import check_checkpoint_config
 
-        check_checkpoint_config(tcfg.load, cfg, step=tcfg.ckpt_step)
+        check_checkpoint_config(tcfg.load, cfg, step=tcfg.ckpt_step, load_optim=not (tcfg.no_load_optim or tcfg.finetune))
 
 
 def validate(cfg: GrinConfig, tcfg: TrainConfig) -> None:

@@ -425,9 +425,10 @@ def _routing_op_case(name: str, backend: str, args, device: str, x_TH, weight_EH
     gen = torch.Generator(device="cpu").manual_seed(2)
     grad_TE = torch.randn(x_TH.shape[0], args.experts, generator=gen).to(device)
     step_state = {"microbatch": 0}
+    logits_TE = (x_TH.float() @ weight_EH.t()).detach()  # the op starts from logits: no gating GEMM timed
 
     def step():
-        logits = (x_TH.float() @ weight_EH.t()).requires_grad_()
+        logits = logits_TE.clone().requires_grad_()
         key = RoutingKey(token_ids, seed=1234, iteration=0, layer_number=1, microbatch=step_state["microbatch"],
                          stream=routing_rng.STREAM_ROUTING)
         step_state["microbatch"] += 1
@@ -463,10 +464,14 @@ def cmd_routing(args, device: str) -> dict:
     weight = ours.router.weight.detach().float()
     cases = [_layer_case(f"GRIN MoE layer ({backend})", "layer", ours, x, grad),
              _router_case("SparseMixerV2Router fwd+bwd (gating, jitter, routing, stats)", ours.router, x, device),
+             _router_case("SparseMixerV2Router fwd+bwd, input jitter off (gating, routing, stats)",
+                          build_ours(argparse.Namespace(**{**vars(args), "input_jitter": 0.0}), backend, device).router,
+                          x, device),
              _router_case("megatron TopKRouter fwd+bwd", megatron.router, x, device),
-             _routing_op_case("sparsemixer routing op, torch", "torch", args, device, x_TH, weight, token_ids)]
+             _routing_op_case("SparseMixer-v2 routing op from logits (Philox draws, mask, sampling, Heun), torch",
+                              "torch", args, device, x_TH, weight, token_ids)]
     if have_triton_kernels(torch.device(device)) and device == "cuda":
-        cases.append(_routing_op_case("sparsemixer routing op, triton", "triton", args, device, x_TH, weight,
+        cases.append(_routing_op_case("SparseMixer-v2 routing op from logits, triton", "triton", args, device, x_TH, weight,
                                       token_ids))
     args.no_memory = True
     rows = run_cases(args, cases, device)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "grin_config.json"
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
+#: grin_config.json also records the concrete expert backend, whose parameter layout the optimizer state follows.
+RESOLVED_BACKEND_KEY = "resolved_expert_backend"
 #: GrinConfig fields that define the model's function; a checkpoint that differs in any is refused.
 MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings",
@@ -117,8 +119,20 @@ def config_differences(saved: GrinConfig, current: GrinConfig) -> list[tuple[str
     return out
 
 
-def check_checkpoint_config(root: str, cfg: GrinConfig, step: Optional[int] = None) -> Optional[int]:
-    """Raise ConfigError if the checkpoint --load would resume was made for a different model."""
+def saved_expert_backend(path: str) -> Optional[str]:
+    """The concrete expert backend a checkpoint was trained with ('auto' resolved at save time), if recorded."""
+    with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+        data = json.load(f)
+    backend = data.get(RESOLVED_BACKEND_KEY) or data.get("expert_backend")
+    return None if backend in (None, "auto") else backend
+
+
+def check_checkpoint_config(root: str, cfg: GrinConfig, step: Optional[int] = None,
+                            load_optim: bool = True) -> Optional[int]:
+    """Raise ConfigError if the checkpoint --load would resume was made for a different model, or if its
+    optimizer state cannot be loaded because the expert backend lays the expert weights out differently."""
+    from megatron_grin.experts import resolve_backend
+
     found = find_checkpoint(root, step)
     if found is None:
         return None
@@ -128,6 +142,14 @@ def check_checkpoint_config(root: str, cfg: GrinConfig, step: Optional[int] = No
         listed = "; ".join(f"{'--' + n.replace('_', '-')}: checkpoint {a!r}, this run {b!r}" for n, a, b in diffs)
         raise ConfigError(f"--load {root}: iteration {iteration} was saved for a different model ({listed}). "
                           "Match the flags, or point --load elsewhere.")
+    saved, current = saved_expert_backend(path), resolve_backend(cfg.expert_backend)
+    if load_optim and saved is not None and saved != current:
+        raise ConfigError(
+            f"--load {root}: iteration {iteration} was trained with expert backend {saved!r}, but this run's "
+            f"--grin-expert-backend {cfg.expert_backend} is {current!r}. The weights load into either, the "
+            f"optimizer state does not (it is kept per parameter and the backends group the experts' weights "
+            f"differently). Pass --grin-expert-backend {saved} to resume exactly, or --no-load-optim to load the "
+            f"weights and start a fresh optimizer.")
     return iteration
 
 
@@ -314,7 +336,10 @@ class Checkpointer:
         dist_checkpointing.save(sd, tmp, sharded_strategy=("torch_dist", 1), content_metadata=meta)
         torch.distributed.barrier()
         if rank0:
-            _write_atomic(os.path.join(tmp, CONFIG_NAME), json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
+            from megatron_grin.experts import resolve_backend
+
+            config = {**dataclasses.asdict(self.cfg), RESOLVED_BACKEND_KEY: resolve_backend(self.cfg.expert_backend)}
+            _write_atomic(os.path.join(tmp, CONFIG_NAME), json.dumps(config, indent=2) + "\n")
             _fsync_dir(tmp)
             old = None
             if os.path.exists(final):  # an earlier save of this iteration: replace it only once ours is whole

@@ -63,16 +63,16 @@ def jitter_noise(shape: tuple[int, ...], eps: float, dtype: torch.dtype, generat
 
     Why not ``uniform_``: four 16-bit values per 64-bit draw halve the generator's work (the input
     jitter is one draw per activation element), and 65536 levels are finer than the fp32 grid of
-    [1-eps, 1+eps] for GRIN's eps=0.01. The value is rounded to ``dtype`` once, from fp32 (torch's bf16
-    ``uniform_`` truncates instead: U(0.99, 1.01) in bf16 averages 0.994).
+    [1-eps, 1+eps] for GRIN's eps=0.01. Every step rounds to nearest, so the noise stays unbiased in bf16
+    (torch's bf16 ``uniform_`` truncates instead: U(0.99, 1.01) in bf16 averages 0.994).
     """
     numel = 1
     for size in shape:
         numel *= size
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=generator.device)
     words.random_(-(2**63), None, generator=generator)  # all 64 bits
-    bits = words.view(torch.int16)[:numel].view(shape)  # [-32768, 32767]
-    return torch.add(1.0 + eps / 65536, bits.to(torch.float32), alpha=eps / 32768).to(dtype)
+    noise = words.view(torch.int16)[:numel].view(shape).to(dtype)  # [-32768, 32767], rounded to nearest
+    return noise.mul_(eps / 32768).add_(1.0 + eps / 65536)  # in place: no fp32 temporary of the activation size
 
 
 def routing_uniforms(token_ids: torch.Tensor, num_lanes: int, top_k: int, *, seed: int, iteration: int,

@@ -136,6 +136,26 @@ def test_loading_a_checkpoint_of_another_model_fails_before_init(adam_runs):
     assert "iter " not in proc.stdout and "loaded" not in proc.stdout
 
 
+def test_resuming_under_another_expert_backend_needs_no_load_optim(adam_runs):
+    from megatron_grin.checkpointing import check_checkpoint_config, find_checkpoint, read_config, saved_expert_backend
+    from megatron_grin.config import ConfigError
+    from megatron_grin.experts import resolve_backend
+
+    straight, _ = adam_runs
+    _, path = find_checkpoint(str(straight))
+    trained_with = saved_expert_backend(path)
+    assert trained_with == resolve_backend("auto")  # 'auto' is recorded resolved
+    other = "sequential" if trained_with != "sequential" else "grouped_mm"
+    proc = run_pretrain(*RESUME_ARGS, "--load", str(straight), "--grin-expert-backend", other, check=False)
+    assert proc.returncode == 2
+    assert f"trained with expert backend {trained_with!r}" in proc.stderr and "--no-load-optim" in proc.stderr
+    assert "iter " not in proc.stdout
+    cfg = read_config(path).replace(expert_backend=other)
+    with pytest.raises(ConfigError, match="--grin-expert-backend"):
+        check_checkpoint_config(str(straight), cfg)
+    assert check_checkpoint_config(str(straight), cfg, load_optim=False) is not None  # weights only: allowed
+
+
 # --- kill -9 during a save ------------------------------------------------------------------------------------
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     ckpt = str(tmp_path / "ckpt")

@@ -263,3 +263,62 @@ def test_registration_and_validation():
         grouped_swiglu_mlp(torch.zeros(2, 4), w1, w2, torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="mismatch"):
         grouped_swiglu_mlp(torch.zeros(2, 5), w1, w2, torch.tensor([1, 1, 0]))
+
+
+def _reference_swiglu_experts(x, fc1, fc2, counts, probs):
+    """Float64 autograd reference: one plain SwiGLU MLP per expert on its rows, scaled by the probs."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        h = x[start:start + n] @ fc1[e].t()
+        gate, up = h.chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ fc2[e].t()
+        outs.append(y if probs is None else y * probs[start:start + n, None])
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("with_probs", [True, False])
+@pytest.mark.parametrize("counts,dtype", [
+    ([3, 0, 5, 1, 0, 7], torch.float32), ([0, 0, 0, 0, 0, 9], torch.float32), ([2, 2, 2, 2, 2, 2], torch.float32),
+    ([70, 0, 130, 64, 1, 200], torch.bfloat16),  # bf16 splits each expert's rows at multiples of ROW_BLOCK
+])
+def test_cpu_expert_loop_matches_float64_reference(counts, dtype, with_probs):
+    from megatron_grin.ops.grouped_mlp import grouped_swiglu_mlp
+
+    g = torch.Generator().manual_seed(sum(counts))
+    experts, hidden, ffn, rows = len(counts), 16, 24, sum(counts)
+    tensors = [torch.randn(rows, hidden, generator=g), torch.randn(experts, 2 * ffn, hidden, generator=g) * 0.2,
+               torch.randn(experts, hidden, ffn, generator=g) * 0.2, torch.rand(rows, generator=g)]
+    tensors = [t.to(dtype).float() for t in tensors]  # values exactly representable in the tested dtype
+    grad = torch.randn(rows, hidden, generator=g).to(dtype).float()
+    results = []
+    for run_dtype, fn in ((dtype, grouped_swiglu_mlp), (torch.float64, _reference_swiglu_experts)):
+        x, fc1, fc2, probs = (t.detach().to(run_dtype).requires_grad_() for t in tensors)
+        probs = probs if with_probs else None
+        if fn is grouped_swiglu_mlp:
+            probs = probs.detach().float().requires_grad_() if with_probs else None  # router precision
+            out = fn(x, fc1, fc2, torch.tensor(counts), probs, use_grouped_mm=False)
+        else:
+            out = fn(x, fc1, fc2, counts, probs)
+        out.backward(grad.to(run_dtype))
+        grads = [t.grad for t in (x, fc1, fc2) + ((probs,) if with_probs else ())]
+        results.append([out.detach()] + grads)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, want in zip(*results):
+        assert got.dtype == (torch.float32 if got.dim() == 1 else dtype)
+        scale = want.abs().max().clamp_min(1.0)
+        assert (got.double() - want).abs().max() <= tol * scale, ((got.double() - want).abs().max(), scale)
+    for e, n in enumerate(counts):  # experts without rows get exact zero gradients
+        if not n:
+            assert not results[0][2][e].any() and not results[0][3][e].any()
+
+
+def test_cpu_expert_loop_refuses_a_second_backward():
+    from megatron_grin.ops.grouped_mlp import grouped_swiglu_mlp
+
+    x = torch.randn(4, 8, requires_grad=True)
+    fc1, fc2 = torch.randn(2, 12, 8, requires_grad=True), torch.randn(2, 8, 6, requires_grad=True)
+    out = grouped_swiglu_mlp(x, fc1, fc2, torch.tensor([1, 3]), torch.rand(4), use_grouped_mm=False)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.sum().backward()

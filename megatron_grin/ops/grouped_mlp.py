@@ -135,39 +135,42 @@ def grouped_linear(x_NK: torch.Tensor, weight_EMK: torch.Tensor, offsets_E: torc
 class _ExpertLoop(torch.autograd.Function):
     """Every expert's SwiGLU MLP, scaled by its routing weights, as one autograd node (the CPU path).
 
-    Why one node: each expert's GEMMs write straight into slices of preallocated [N, ...] buffers
-    (``torch.mm(out=)``), so there is no per-expert autograd graph, no output ``cat``, no gradient
-    ``cat``/``stack`` for the split input and the unbound weights, and each expert's activation is
-    still in cache for its SwiGLU. Saved: x, fc1's output h [N, 2F], the SwiGLU output a [N, F] and,
-    with probs, the unscaled output y [N, H]; the backward recomputes silu(gate) and writes the
-    gradients over h and a in place (so it runs once: a retain_graph re-run is refused).
+    Why one node: no per-expert autograd graph, no ``cat`` of the split input's gradient and no ``stack``
+    of unbound weight gradients; outputs and input gradients are written straight into slices of one
+    [N, H] tensor. Per expert it keeps fc1's output h [n, 2F], the SwiGLU output a [n, F] and (with
+    probs) the unscaled output y [n, H]: per-expert blocks, each under glibc's 32 MiB mmap threshold at
+    GRIN's CPU shapes, so they are reused from the heap instead of page-faulted in every step; the
+    backward frees each expert's blocks as soon as it is done with them, and writes the gradients over h
+    and a in place (so it runs once: a retain_graph re-run is refused). silu(gate) is recomputed.
     """
 
     @staticmethod
     def forward(ctx, x_NH, fc1_EFH, fc2_EHF, probs_N, counts: list[int]):
-        rows, hidden = x_NH.shape
-        ffn = fc2_EHF.shape[2]
-        out_NH = x_NH.new_empty(rows, hidden)
-        h_N2F, a_NF = x_NH.new_empty(rows, 2 * ffn), x_NH.new_empty(rows, ffn)
-        y_NH = out_NH if probs_N is None else x_NH.new_empty(rows, hidden)
+        out_NH = x_NH.new_empty(x_NH.shape)
         scale_N1 = None if probs_N is None else probs_N.to(x_NH.dtype).unsqueeze(-1)
+        saved: dict[int, tuple] = {}
         for e, part in _expert_slices(counts):
-            h = torch.mm(x_NH[part], fc1_EFH[e].t(), out=h_N2F[part])
+            x_e, splits = x_NH[part], _row_split(part.stop - part.start, x_NH.dtype, x_NH.device)
+            h = _mm_rows(x_e, fc1_EFH[e].t(), x_e.new_empty(x_e.shape[0], fc1_EFH.shape[1]), splits)
             gate, up = h.chunk(2, dim=-1)
-            a = torch.ops.aten.silu.out(gate, out=a_NF[part]).mul_(up)
-            y = torch.mm(a, fc2_EHF[e].t(), out=y_NH[part])
-            if scale_N1 is not None:
+            a = F.silu(gate).mul_(up)
+            if scale_N1 is None:
+                _mm_rows(a, fc2_EHF[e].t(), out_NH[part], splits)
+                saved[e] = (h, a, None, splits)
+            else:
+                y = _mm_rows(a, fc2_EHF[e].t(), x_e.new_empty(x_e.shape), splits)
                 torch.mul(y, scale_N1[part], out=out_NH[part])
-        ctx.counts, ctx.spent = counts, False
-        ctx.save_for_backward(x_NH, fc1_EFH, fc2_EHF, probs_N, h_N2F, a_NF, None if probs_N is None else y_NH)
+                saved[e] = (h, a, y, splits)
+        ctx.counts, ctx.saved_blocks = counts, saved
+        ctx.save_for_backward(x_NH, fc1_EFH, fc2_EHF, probs_N)
         return out_NH
 
     @staticmethod
     def backward(ctx, grad_NH):
-        if ctx.spent:
+        if ctx.saved_blocks is None:
             raise RuntimeError("grouped_mm experts: backward ran twice (retain_graph is not supported)")
-        ctx.spent = True
-        x_NH, fc1_EFH, fc2_EHF, probs_N, h_N2F, a_NF, y_NH = ctx.saved_tensors
+        saved, ctx.saved_blocks = ctx.saved_blocks, None
+        x_NH, fc1_EFH, fc2_EHF, probs_N = ctx.saved_tensors
         grad_NH = grad_NH.contiguous()
         grad_x = torch.empty_like(x_NH) if ctx.needs_input_grad[0] else None
         grad_fc1, grad_fc2 = torch.empty_like(fc1_EFH), torch.empty_like(fc2_EHF)
@@ -179,25 +182,56 @@ class _ExpertLoop(torch.autograd.Function):
                 grad_fc1[e].zero_()
                 grad_fc2[e].zero_()
         for e, part in _expert_slices(ctx.counts):
+            h, a, y, splits = saved.pop(e)
             g = grad_NH[part]
             if grad_p is not None:
-                grad_p[part] = _rowwise_dot_fp32(g, y_NH[part])
+                grad_p[part] = _rowwise_dot_fp32(g, y)
+            del y
             if scale_N1 is not None:
                 g = g * scale_N1[part]
-            a = a_NF[part]
-            torch.mm(g.t(), a, out=grad_fc2[e])
-            grad_a = torch.mm(g, fc2_EHF[e], out=a)  # a's last use was the line above
-            h = h_N2F[part]
+            _mm_wgrad(g, a, grad_fc2[e], splits)
+            grad_a = _mm_rows(g, fc2_EHF[e], a, splits)  # a's last use was the line above
             gate, up = h.chunk(2, dim=-1)
             scratch = grad_a * up  # the last read of up
             torch.ops.aten.silu.out(gate, out=up).mul_(grad_a)  # d/d up = silu(gate) * g
+            del grad_a, a
             torch.ops.aten.silu_backward.grad_input(scratch, gate, grad_input=gate)  # d/d gate, in place
-            torch.mm(h.t(), x_NH[part], out=grad_fc1[e])
+            del scratch
+            _mm_wgrad(h, x_NH[part], grad_fc1[e], splits)  # h now holds d/d h
             if grad_x is not None:
-                torch.mm(h, fc1_EFH[e], out=grad_x[part])
+                _mm_rows(h, fc1_EFH[e], grad_x[part], splits)
         if grad_p is not None:
             grad_p = grad_p.to(probs_N.dtype)
         return grad_x, grad_fc1, grad_fc2, grad_p, None
+
+
+#: Row block for the CPU expert GEMMs in bf16/fp16: oneDNN JIT-compiles a kernel per GEMM shape and caches
+#: ~1k of them; sampled routing gives every expert a new row count every step, and a cache miss costs
+#: ~1 ms (13 %) per GEMM at GRIN's CPU shapes. Splitting each expert's rows into a multiple of the block and
+#: a tail bounds the distinct shapes (docs/performance.md). fp32 (MKL, no per-shape JIT) runs unsplit.
+ROW_BLOCK = 64
+
+
+def _row_split(rows: int, dtype: torch.dtype, device: torch.device) -> list[slice]:
+    """An expert's rows as [bulk, tail] slices whose lengths come from a small set, or one slice where unneeded."""
+    bulk = rows // ROW_BLOCK * ROW_BLOCK
+    if device.type != "cpu" or dtype == torch.float32 or bulk in (0, rows):
+        return [slice(0, rows)]
+    return [slice(0, bulk), slice(bulk, rows)]
+
+
+def _mm_rows(a_NK: torch.Tensor, b_KM: torch.Tensor, out_NM: torch.Tensor, splits: list[slice]) -> torch.Tensor:
+    """out = a @ b, one GEMM per row slice."""
+    for rows in splits:
+        torch.mm(a_NK[rows], b_KM, out=out_NM[rows])
+    return out_NM
+
+
+def _mm_wgrad(g_NM: torch.Tensor, a_NK: torch.Tensor, out_MK: torch.Tensor, splits: list[slice]) -> None:
+    """out = g.T @ a, accumulated over the row slices."""
+    torch.mm(g_NM[splits[0]].t(), a_NK[splits[0]], out=out_MK)
+    for rows in splits[1:]:
+        out_MK.addmm_(g_NM[rows].t(), a_NK[rows])
 
 
 def _expert_slices(counts: list[int]):
