@@ -34,7 +34,7 @@ bench() {  # bench ALLOCATOR KIND ARGS...: one megatron-grin bench run under gli
 # the targets: GRIN's proportions at CPU scale, one thread, both dtypes, both allocators
 for alloc in glibc caching; do
   for dtype in fp32 bf16; do
-    bench "$alloc" moe-layer --dtype "$dtype" "${ONE[@]}" --reps 9 "${ALL[@]}" \
+    bench "$alloc" moe-layer --dtype "$dtype" "${ONE[@]}" --reps 15 "${ALL[@]}" \
       --name "moe-layer-cpu-$dtype-1t-$alloc"
   done
 done
@@ -44,6 +44,9 @@ for dtype in fp32 bf16; do
     --dtype "$dtype" --reps 9 --out "$OUT/experts-only-cpu-$dtype-1t-caching.json" | grep -v Warn \
     > "$OUT/experts-only-cpu-$dtype-1t-caching.md"
 done
+# bf16 under glibc, ours against megatron only, with more repetitions (the 5-way run above is noisier there)
+bench glibc moe-layer --dtype bf16 "${ONE[@]}" --reps 21 --no-memory --backends grouped_mm --baselines dense,megatron \
+  --name moe-layer-cpu-bf16-1t-glibc-reps21
 # routing alone (SparseMixer op, and the whole router with gating and input jitter) as a share of the layer
 for dtype in fp32 bf16; do
   bench caching routing --dtype "$dtype" "${ONE[@]}" --reps 9 --backends grouped_mm --name "routing-cpu-$dtype-1t-caching"
@@ -65,5 +68,9 @@ done
 # a few-layer GRIN model: tokens/s and MFU against a GEMM peak measured on the same thread count
 for backend in sequential grouped_mm; do
   bench caching model --backends "$backend" "${ONE[@]}" --reps 3 --name "model-cpu-fp32-1t-$backend-caching"
+done
+# what a new GEMM shape costs (why bf16 expert GEMMs run on row blocks)
+for dtype in bf16 fp32; do
+  python benchmarks/gemm_shape_cache.py --dtype "$dtype" --out "$OUT/gemm-shape-cache-cpu-$dtype.md"
 done
 python benchmarks/summarize.py "$OUT" > "$OUT/SUMMARY.md"

@@ -340,7 +340,7 @@ def _available_backends(requested: list[str]) -> list[str]:
     out = []
     for b in requested:
         if b == "te_grouped" and not have_transformer_engine():
-            print(f"[bench] skipping backend te_grouped: Transformer Engine is not installed", file=sys.stderr)
+            print("[bench] skipping backend te_grouped: Transformer Engine is not installed", file=sys.stderr)
             continue
         out.append(b)
     return out

@@ -292,7 +292,7 @@ class HFWeights:
             self._where[name] = (path, info, None)
             return
         layer, what = m.groups()
-        dtype, shape = info[0], info[1]
+        shape = info[1]
         if what == "router.weight":
             self._where[layer + "block_sparse_moe.gate.weight"] = (path, info, None)
         elif what == "experts.gate_up_proj":

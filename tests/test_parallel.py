@@ -5,8 +5,6 @@ covered: eval (argmax) and training (sampled, with input jitter and the global b
 proving that routing randomness is keyed by token, not by rank or call order.
 """
 
-from functools import partial
-
 import pytest
 import torch
 
