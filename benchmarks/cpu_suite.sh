@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU number in docs/performance.md: bash benchmarks/cpu_suite.sh  (~35 min on 2 cores).
+# Every CPU number in docs/performance.md: bash benchmarks/cpu_suite.sh  (~30 min on 2 cores).
 #
 # The primary runs use one thread and report process CPU time (--threads 1 --clock cpu): on a machine
 # shared with other jobs, wall time with 2 OpenMP threads swings by 2-5x (a descheduled thread stalls
