@@ -27,7 +27,7 @@ say() { printf '\n[local.sh] %s\n' "$*"; }
 # --- 1. corpus ---------------------------------------------------------------------------------------------
 if [[ ! -f "$DATA_DIR/stdlib.idx" ]]; then
   say "building the corpus: the Python standard library's sources -> $DATA_DIR/stdlib.{bin,idx}"
-  python -c "import sys; from megatron_grin.data import stdlib_corpus; stdlib_corpus(sys.argv[1])" "$DATA_DIR"
+  python -c "import sys; from megatron_grin.preprocess import stdlib_corpus; stdlib_corpus(sys.argv[1])" "$DATA_DIR"
   megatron-grin preprocess --input "$DATA_DIR/stdlib.jsonl" --output-prefix "$DATA_DIR/stdlib" --tokenizer byte
 else
   say "reusing the corpus in $DATA_DIR"

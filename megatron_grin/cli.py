@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 #: subcommand -> (module, function, one-line help)
 COMMANDS = {
     "pretrain": ("megatron_grin.train", "main", "train a GRIN MoE (Megatron-LM flags; docs/training.md)"),
-    "preprocess": ("megatron_grin.data", "main", "tokenize text into a megatron indexed dataset"),
+    "preprocess": ("megatron_grin.preprocess", "main", "tokenize text into a megatron indexed dataset"),
     "convert": ("megatron_grin.convert", "main", "convert checkpoints to and from Hugging Face"),
     "plan": ("megatron_grin.plan", "main", "memory and throughput plan for a cluster layout"),
     "bench": ("megatron_grin.bench", "main", "micro-benchmarks"),
