@@ -100,11 +100,23 @@ def find_checkpoint(root: str, step: Optional[int] = None) -> Optional[tuple[int
     return complete[-1], iteration_dir(root, complete[-1])
 
 
-def read_config(path: str) -> GrinConfig:
+def _config_json(path: str) -> dict:
     with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
-        data = json.load(f)
+        return json.load(f)
+
+
+def _config_from_json(data: dict) -> GrinConfig:
     known = {f.name for f in dataclasses.fields(GrinConfig)}
     return GrinConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def _backend_from_json(data: dict) -> Optional[str]:
+    backend = data.get(RESOLVED_BACKEND_KEY) or data.get("expert_backend")
+    return None if backend in (None, "auto") else backend
+
+
+def read_config(path: str) -> GrinConfig:
+    return _config_from_json(_config_json(path))
 
 
 def config_differences(saved: GrinConfig, current: GrinConfig) -> list[tuple[str, Any, Any]]:
@@ -121,10 +133,7 @@ def config_differences(saved: GrinConfig, current: GrinConfig) -> list[tuple[str
 
 def saved_expert_backend(path: str) -> Optional[str]:
     """The concrete expert backend a checkpoint was trained with ('auto' resolved at save time), if recorded."""
-    with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
-        data = json.load(f)
-    backend = data.get(RESOLVED_BACKEND_KEY) or data.get("expert_backend")
-    return None if backend in (None, "auto") else backend
+    return _backend_from_json(_config_json(path))
 
 
 def check_checkpoint_config(root: str, cfg: GrinConfig, step: Optional[int] = None,
@@ -137,12 +146,13 @@ def check_checkpoint_config(root: str, cfg: GrinConfig, step: Optional[int] = No
     if found is None:
         return None
     iteration, path = found
-    diffs = config_differences(read_config(path), cfg)
+    data = _config_json(path)
+    diffs = config_differences(_config_from_json(data), cfg)
     if diffs:
         listed = "; ".join(f"{'--' + n.replace('_', '-')}: checkpoint {a!r}, this run {b!r}" for n, a, b in diffs)
         raise ConfigError(f"--load {root}: iteration {iteration} was saved for a different model ({listed}). "
                           "Match the flags, or point --load elsewhere.")
-    saved, current = saved_expert_backend(path), resolve_backend(cfg.expert_backend)
+    saved, current = _backend_from_json(data), resolve_backend(cfg.expert_backend)
     if load_optim and saved is not None and saved != current:
         raise ConfigError(
             f"--load {root}: iteration {iteration} was trained with expert backend {saved!r}, but this run's "

@@ -128,16 +128,9 @@ def to_hf(load: str, out: str, iteration: Optional[int] = None, dtype: Optional[
         summary = dict(direction="to-hf", source=iter_dir, iteration=it, out=os.path.abspath(out),
                        dtype=str(out_dtype).replace("torch.", ""), shards=len(plan), tokenizer_files=copied)
         if verify:
-            from megatron_grin.verify import verify as run_verify
-
             rounded = out_dtype if _narrower(out_dtype, stored) else None
-            report = run_verify(iter_dir, cfg, tmp, round_ours_to=rounded, atol=verify_atol, kl_tol=verify_kl,
-                                seq_len=verify_seq_len)
-            summary["verify"] = dataclasses.asdict(report)
-            _say(f"parity: {report.summary()}")
-            if not report.passed:
-                raise ConversionError(f"parity gate failed, nothing written: {report.summary()}. The exported "
-                                      "model does not reproduce the checkpoint's logits.")
+            summary["verify"] = _parity_gate(iter_dir, cfg, tmp, verify_atol, verify_kl, verify_seq_len,
+                                             round_ours_to=rounded)
     summary["seconds"] = round(time.time() - start, 2)
     _say(f"wrote {out} ({len(plan)} shard(s), {summary['dtype']}) in {summary['seconds']}s")
     return summary
@@ -195,18 +188,26 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
                        tensor_model_parallel_size=tensor_model_parallel_size,
                        pipeline_model_parallel_size=pipeline_model_parallel_size)
         if verify:
-            from megatron_grin.verify import verify as run_verify
-
             rounded = out_dtype if _narrower(out_dtype, hf_dtype) else None
-            report = run_verify(it_dir, cfg, hf, round_hf_to=rounded, atol=verify_atol, kl_tol=verify_kl,
-                                seq_len=verify_seq_len)
-            summary["verify"] = dataclasses.asdict(report)
-            _say(f"parity: {report.summary()}")
-            if not report.passed:
-                raise ConversionError(f"parity gate failed, nothing written: {report.summary()}.")
+            summary["verify"] = _parity_gate(it_dir, cfg, hf, verify_atol, verify_kl, verify_seq_len,
+                                             round_hf_to=rounded)
     summary["seconds"] = round(time.time() - start, 2)
     _say(f"wrote {save}/iter_{iteration:07d} in {summary['seconds']}s")
     return summary
+
+
+def _parity_gate(iter_dir: str, cfg, hf_dir: str, atol: Optional[float], kl_tol: Optional[float], seq_len: int,
+                 **rounding) -> dict:
+    """Run the --verify parity check of our checkpoint against the HF model; raise if it fails (the caller
+    then removes its temporary output). Returns the report as a dict for the summary."""
+    from megatron_grin.verify import verify as run_verify
+
+    report = run_verify(iter_dir, cfg, hf_dir, atol=atol, kl_tol=kl_tol, seq_len=seq_len, **rounding)
+    _say(f"parity: {report.summary()}")
+    if not report.passed:
+        raise ConversionError(f"parity gate failed, nothing written: {report.summary()}. The converted model "
+                              "does not reproduce the source's logits.")
+    return dataclasses.asdict(report)
 
 
 def _trainer_common_state(cfg, iteration: int, source: str) -> dict:

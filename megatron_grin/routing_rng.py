@@ -18,6 +18,7 @@ never produces inf or NaN.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -61,14 +62,12 @@ def bits_to_uniform(x: torch.Tensor) -> torch.Tensor:
 def jitter_noise(shape: tuple[int, ...], eps: float, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     """1 + eps * U(-1, 1) of ``shape`` in ``dtype``, from 16 random bits per element.
 
-    Why not ``uniform_``: four 16-bit values per 64-bit draw halve the generator's work (the input
+    Why not ``uniform_``: four 16-bit values per 64-bit draw cut the generator's work (the input
     jitter is one draw per activation element), and 65536 levels are finer than the fp32 grid of
     [1-eps, 1+eps] for GRIN's eps=0.01. Every step rounds to nearest, so the noise stays unbiased in bf16
     (torch's bf16 ``uniform_`` truncates instead: U(0.99, 1.01) in bf16 averages 0.994).
     """
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=generator.device)
     words.random_(-(2**63), None, generator=generator)  # all 64 bits
     noise = words.view(torch.int16)[:numel].view(shape).to(dtype)  # [-32768, 32767], rounded to nearest

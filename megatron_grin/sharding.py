@@ -63,18 +63,16 @@ def expand_stacked_experts(tensors: Mapping[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def _split(full: torch.Tensor, dim: int, glu: bool, tp_rank: int, tp_size: int) -> torch.Tensor:
-    if glu:
+def shard(full: torch.Tensor, param: torch.nn.Parameter, name: str, tp_rank: int, tp_size: int,
+          dim_offset: int = 0) -> torch.Tensor:
+    """This rank's slice of a full tensor for ``param`` (``dim_offset=-1``: one expert of a stacked weight)."""
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim + dim_offset
+    if _is_glu_fc1(name):
         gate, up = full.chunk(2, dim=dim)
         return torch.cat([gate.chunk(tp_size, dim=dim)[tp_rank], up.chunk(tp_size, dim=dim)[tp_rank]], dim=dim)
     return full.chunk(tp_size, dim=dim)[tp_rank]
-
-
-def shard(full: torch.Tensor, param: torch.nn.Parameter, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's slice of a full tensor for ``param``."""
-    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return full
-    return _split(full, param.partition_dim, _is_glu_fc1(name), tp_rank, tp_size)
 
 
 @torch.no_grad()
@@ -91,9 +89,7 @@ def load_full_state(model: torch.nn.Module, full: Mapping[str, torch.Tensor], st
                 raise KeyError(f"no tensor for parameter {next(k for k in needed if k not in full)}")
             continue
         if expert_keys:  # stack the experts' shards; the per-expert TP dim is one lower
-            split = tp_size > 1 and getattr(param, "tensor_model_parallel", False)
-            src = torch.stack([_split(full[k], param.partition_dim - 1, _is_glu_fc1(name), tp_rank, tp_size)
-                               if split else full[k] for k in expert_keys])
+            src = torch.stack([shard(full[k], param, name, tp_rank, tp_size, dim_offset=-1) for k in expert_keys])
         else:
             src = shard(full[key], param, name, tp_rank, tp_size)
         if src.shape != param.shape:

@@ -5,10 +5,11 @@ activation (in fp32 when the probs are fp32) and saves both SwiGLU inputs and it
 TEGroupedMLP needs Transformer Engine. This module holds all experts in two 3D parameters, so no
 per-step allocation grows with the number of experts beyond the permuted activations, and:
   * on CUDA sm90+ in bf16, runs each projection for all experts as one ``torch.nn.functional.grouped_mm``;
-  * elsewhere (CPU), loops over whole expert MLPs inside one autograd node, writing every GEMM into
-    slices of preallocated buffers, so each expert's [rows, 2F] activation is still in cache for its
-    SwiGLU (measured faster than grouped_mm's CPU path and than SequentialMLP; docs/performance.md);
-  * SwiGLU is one autograd node that saves only fc1's output and writes its gradient over it in place;
+  * elsewhere (CPU), loops over whole expert MLPs inside one autograd node (``_ExpertLoop``), so each
+    expert's [rows, 2F] activation is still in cache for its SwiGLU (measured faster than grouped_mm's
+    CPU path and than SequentialMLP; docs/performance.md);
+  * on the grouped_mm path SwiGLU is one autograd node that saves only fc1's output and writes its
+    gradient over it in place;
   * the routing weight scales fc2's [N, H] output (H < F in GRIN), the same maths since fc2 has no bias,
     with the router gradient accumulated in fp32.
 
@@ -91,7 +92,7 @@ class _ScaleRows(torch.autograd.Function):
 
 
 def _rowwise_dot_fp32(a_NH: torch.Tensor, b_NH: torch.Tensor) -> torch.Tensor:
-    """fp32 <a[n], b[n]> for every row (bf16 products are exact in fp32; 4x faster than einsum's bmm on CPU)."""
+    """fp32 <a[n], b[n]> for every row (bf16 products are exact in fp32; einsum would lower to a bmm on CPU)."""
     if a_NH.dtype == torch.float32 and b_NH.dtype == torch.float32:
         return a_NH.mul(b_NH).sum(-1)
     return a_NH.float().mul_(b_NH).sum(-1)
