@@ -20,7 +20,6 @@ setup(
         "pyyaml>=6",
         "numpy",
         "tqdm",
-        "rich",
         "tensorboard",
         "psutil",
     ],

@@ -9,10 +9,10 @@ forward's activation memory; the peak during backward adds what recomputation re
 Each config is a real megatron-core GRIN model (world size 1, ``compat.apply()``, fp32, local
 layers: unfused attention, SequentialMLP experts, megatron's allgather dispatcher) run forward in
 training mode and backward, with no, selective and full recomputation. The estimate is
-``plan.microbatch_activation_bytes(..., impl=Implementation(attention="unfused"), dtype_bytes=4)``.
+``plan_memory.microbatch_activation_bytes(..., impl=Implementation(attention="unfused"), dtype_bytes=4)``.
 
     python benchmarks/activation_memory.py           # all configs -> benchmarks/results/activation_memory.json
-    python benchmarks/activation_memory.py --quick   # the tiny configs tests/test_plan.py asserts on
+    python benchmarks/activation_memory.py --quick   # the tiny configs tests/plan/test_plan.py asserts on
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_grin import plan
+from megatron_grin.plan import layout as plan_layout
+from megatron_grin.plan import memory as plan_memory
 from megatron_grin.config import GrinConfig, preset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "activation_memory.json"
@@ -117,7 +118,7 @@ class _Held:
 
 def measure(cfg: GrinConfig, seq: int, micro_batch: int, seed: int = 0) -> dict:
     """Forward (training mode) + backward of one micro-batch; needs megatron parallel state (world size 1)."""
-    from megatron_grin.model import build_model
+    from megatron_grin.model.build import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg).train()
@@ -136,8 +137,8 @@ def measure(cfg: GrinConfig, seq: int, micro_batch: int, seed: int = 0) -> dict:
 
 
 def estimate(cfg: GrinConfig, seq: int, micro_batch: int, mode: str) -> dict:
-    impl = plan.Implementation(attention="unfused", fused_swiglu=False)
-    est = plan.microbatch_activation_bytes(cfg, seq, micro_batch, tp=1, dtype_bytes=4, recompute=mode,
+    impl = plan_layout.Implementation(attention="unfused", fused_swiglu=False)
+    est = plan_memory.microbatch_activation_bytes(cfg, seq, micro_batch, tp=1, dtype_bytes=4, recompute=mode,
                                            impl=impl)
     return {"forward_bytes": est["forward"], "backward_peak_bytes": est["backward_peak"]}
 
@@ -178,7 +179,7 @@ def _schedule_run(scenario) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_grin.model import build_model
+    from megatron_grin.model.build import build_model
 
     name, overrides, seq, mb, tp, pp, vpp, num_micro, mode = scenario
     ps.destroy_model_parallel()
@@ -208,10 +209,10 @@ def _schedule_run(scenario) -> dict:
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data,
                                     model=chunks if vpp > 1 else chunks[0], num_microbatches=num_micro,
                                     seq_length=seq, micro_batch_size=mb, forward_only=False)
-    lay = plan.Layout(gpus=tp * pp, tp=tp, pp=pp, vpp=vpp, micro_batch_size=mb, global_batch_size=mb * num_micro,
+    lay = plan_layout.Layout(gpus=tp * pp, tp=tp, pp=pp, vpp=vpp, micro_batch_size=mb, global_batch_size=mb * num_micro,
                       seq_length=seq, recompute=mode, bf16=False)
-    est = plan.rank_activation_bytes(cfg, lay, ps.get_pipeline_model_parallel_rank(),
-                                     plan.Implementation(attention="unfused"))
+    est = plan_memory.rank_activation_bytes(cfg, lay, ps.get_pipeline_model_parallel_rank(),
+                                     plan_layout.Implementation(attention="unfused"))
     return {"config": name, "recompute": mode, "tp": tp, "pp": pp, "vpp": vpp, "num_microbatches": num_micro,
             "seq": seq, "micro_batch": mb, "rank": torch.distributed.get_rank(),
             "pp_rank": ps.get_pipeline_model_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),

@@ -27,8 +27,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE = """
 import sys
-from megatron_grin import convert, hf_io, verify  # noqa: F401  (everything a conversion imports)
-from megatron_grin.mcore_io import build_tp1_model, single_process_megatron
+from megatron_grin.convert import cli as convert
+from megatron_grin.convert import hf_io
+from megatron_grin.convert import verify  # noqa: F401  (everything a conversion imports)
+from megatron_grin.convert.mcore_io import build_tp1_model, single_process_megatron
 import transformers  # noqa: F401
 cfg = hf_io.grin_config_from_hf(hf_io.read_config(sys.argv[1]))
 with single_process_megatron():
@@ -49,8 +51,8 @@ def run(cmd: list[str], env: dict) -> tuple[float, float]:
 
 def write_random_hf(path: str, cfg, dtype: torch.dtype) -> int:
     """A random HF Phimoe directory written one tensor at a time; returns its size in bytes."""
-    from megatron_grin import hf_io
-    from megatron_grin.safetensors_writer import ShardedSafetensorsWriter, plan_shards
+    from megatron_grin.convert import hf_io
+    from megatron_grin.convert.safetensors_writer import ShardedSafetensorsWriter, plan_shards
 
     shapes = hf_io.hf_tensor_shapes(cfg)
     order = hf_io.hf_export_order(cfg)
@@ -100,10 +102,10 @@ def main() -> None:
     py = sys.executable
     steps = {
         "baseline (imports + meta model)": [py, "-c", BASELINE, hf_dir],
-        "from-hf (TP2 x PP2 checkpoint)": [py, "-m", "megatron_grin.convert", "from-hf", "--hf", hf_dir,
+        "from-hf (TP2 x PP2 checkpoint)": [py, "-m", "megatron_grin.convert.cli", "from-hf", "--hf", hf_dir,
                                            "--save", ckpt, "--tensor-model-parallel-size", "2",
                                            "--pipeline-model-parallel-size", "2"],
-        "to-hf": [py, "-m", "megatron_grin.convert", "to-hf", "--load", ckpt, "--out", back],
+        "to-hf": [py, "-m", "megatron_grin.convert.cli", "to-hf", "--load", ckpt, "--out", back],
     }
     results = {}
     for name, cmd in steps.items():
@@ -112,7 +114,7 @@ def main() -> None:
         print(f"{name}: {seconds:.1f}s, peak RSS {rss:.0f} MiB", file=sys.stderr)
 
     # the round trip is exact (reads both directories tensor by tensor)
-    from megatron_grin.hf_io import HFWeights
+    from megatron_grin.convert.hf_io import HFWeights
 
     a, b = HFWeights(hf_dir, cfg), HFWeights(back, cfg)
     exact = all(torch.equal(a[k], b[k]) for k in a.keys())

@@ -33,10 +33,10 @@ def main() -> None:
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    from megatron_grin import bench
-    from megatron_grin.experts import EXPERT_BACKENDS, experts_spec
-    from megatron_grin.model import transformer_config
-    from megatron_grin.ops.grouped_mlp import GroupedMMExperts
+    from megatron_grin.bench import cli as bench
+    from megatron_grin.model.experts import BACKEND_SPECS, experts_spec
+    from megatron_grin.model.build import transformer_config
+    from megatron_grin.model.grouped_experts import GroupedMMExperts
 
     layer_args = bench.build_parser().parse_args(["moe-layer", "--device", "cpu", "--dtype", args.dtype,
                                                   "--hidden", str(args.hidden), "--ffn", str(args.ffn),
@@ -47,7 +47,7 @@ def main() -> None:
     bench._register_backends()
     tconfig = transformer_config(bench._grin_config(layer_args))
     pg = get_default_pg_collection()
-    specs = {"sequential": experts_spec("sequential", False), "grouped_mm": EXPERT_BACKENDS["grouped_mm"](False),
+    specs = {"sequential": experts_spec("sequential", False), "grouped_mm": BACKEND_SPECS["grouped_mm"](False),
              "grouped_mm_forced": ModuleSpec(module=GroupedMMExperts, params={"use_grouped_mm": True})}
     modules = {name: build_module(spec, args.experts, tconfig, pg_collection=pg) for name, spec in specs.items()}
     dtype = bench.DTYPES[args.dtype]

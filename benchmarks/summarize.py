@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from megatron_grin.bench import markdown_table
+from megatron_grin.bench.cli import markdown_table
 
 
 def _expert_bytes(meta: dict) -> int:

@@ -27,7 +27,7 @@ say() { printf '\n[local.sh] %s\n' "$*"; }
 # --- 1. corpus ---------------------------------------------------------------------------------------------
 if [[ ! -f "$DATA_DIR/stdlib.idx" ]]; then
   say "building the corpus: the Python standard library's sources -> $DATA_DIR/stdlib.{bin,idx}"
-  python -c "import sys; from megatron_grin.preprocess import stdlib_corpus; stdlib_corpus(sys.argv[1])" "$DATA_DIR"
+  python -c "import sys; from megatron_grin.training.preprocess import stdlib_corpus; stdlib_corpus(sys.argv[1])" "$DATA_DIR"
   megatron-grin preprocess --input "$DATA_DIR/stdlib.jsonl" --output-prefix "$DATA_DIR/stdlib" --tokenizer byte
 else
   say "reusing the corpus in $DATA_DIR"
@@ -43,8 +43,8 @@ megatron-grin pretrain --config configs/local.yaml --data-path "$DATA_DIR/stdlib
 train_seconds=$(( $(date +%s) - start ))
 
 # --- 3. Hugging Face export and samples ----------------------------------------------------------------------
-# HOOK (HF export + sample generation): runs when megatron_grin.convert is present; skipped otherwise.
-if python -c "import megatron_grin.convert" 2>/dev/null; then
+# HOOK (HF export + sample generation): runs when megatron_grin.convert.cli is present; skipped otherwise.
+if python -c "import megatron_grin.convert.cli" 2>/dev/null; then
   say "exporting to Hugging Face PhimoeForCausalLM -> $RUN_DIR/hf"
   if megatron-grin convert to-hf --load "$RUN_DIR/checkpoints" --out "$RUN_DIR/hf" --force; then
     say "samples (temperature 0.8, byte-level, prompts from the corpus' style):"
@@ -55,7 +55,7 @@ import warnings
 import torch
 from transformers import AutoModelForCausalLM
 
-from megatron_grin.tokenizer import ByteTokenizer
+from megatron_grin.training.tokenizer import ByteTokenizer
 
 warnings.filterwarnings("ignore")
 tok = ByteTokenizer()
@@ -73,7 +73,7 @@ EOF
     echo "[local.sh] HF export failed; the megatron checkpoint is unaffected"
   fi
 else
-  say "megatron_grin.convert not available: skipping the Hugging Face export and samples"
+  say "megatron_grin.convert.cli not available: skipping the Hugging Face export and samples"
 fi
 
 # --- 4. where things are -------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """megatron-grin: pretrain GRIN mixture-of-experts models (SparseMixer-v2, dropless) on megatron-core.
 
-Modules: config (settings, presets), router (SparseMixer-v2), routing_rng (replayable sampling),
-experts (dropless expert backends), moe_layer, layers, spec (ModuleSpecs), model (builder),
-hf_mapping (HF PhimoeForCausalLM keys), compat (CPU/gloo accommodations), cli.
+Layout (docs/architecture.md): ``config`` (settings, presets), ``compat`` (megatron-core/CPU
+accommodations), ``model/`` (SparseMixer-v2, router, MoE layer, experts, specs, builder), ``ops/``
+(kernels beside their references), ``training/`` (pretrain), ``convert/`` (Hugging Face),
+``plan/`` (memory and speed model), ``bench/`` (benchmarks), ``cli`` (the ``megatron-grin`` command).
 """
 
 __version__ = "0.1.0"
@@ -13,7 +14,7 @@ __all__ = ["sparsemixer_v2", "GrinConfig", "preset", "__version__"]
 def __getattr__(name):
     # Lazy: `import megatron_grin` stays cheap and works without optional extras.
     if name == "sparsemixer_v2":
-        from megatron_grin.router import sparsemixer_v2
+        from megatron_grin.model.sparsemixer import sparsemixer_v2
 
         return sparsemixer_v2
     if name in ("GrinConfig", "preset"):

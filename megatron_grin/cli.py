@@ -1,6 +1,6 @@
 """``megatron-grin``: one console script, one subcommand per job; each module is imported only when used.
 
-    megatron-grin pretrain --config configs/local.yaml     # megatron_grin.train
+    megatron-grin pretrain --config configs/local.yaml     # megatron_grin.training.trainer
     megatron-grin preprocess --input a.jsonl --output-prefix data/a --tokenizer byte
     megatron-grin convert to-hf --load CKPT --out HF_DIR
     megatron-grin plan --config configs/cluster/h100x64.yaml
@@ -15,11 +15,11 @@ from typing import Optional, Sequence
 
 #: subcommand -> (module, function, one-line help)
 COMMANDS = {
-    "pretrain": ("megatron_grin.train", "main", "train a GRIN MoE (Megatron-LM flags; docs/training.md)"),
-    "preprocess": ("megatron_grin.preprocess", "main", "tokenize text into a megatron indexed dataset"),
-    "convert": ("megatron_grin.convert", "main", "convert checkpoints to and from Hugging Face"),
-    "plan": ("megatron_grin.plan", "main", "memory and throughput plan for a cluster layout"),
-    "bench": ("megatron_grin.bench", "main", "micro-benchmarks"),
+    "pretrain": ("megatron_grin.training.pretrain", "main", "train a GRIN MoE (Megatron-LM flags; docs/training.md)"),
+    "preprocess": ("megatron_grin.training.preprocess", "main", "tokenize text into a megatron indexed dataset"),
+    "convert": ("megatron_grin.convert.cli", "main", "convert checkpoints to and from Hugging Face"),
+    "plan": ("megatron_grin.plan.cli", "main", "memory and throughput plan for a cluster layout"),
+    "bench": ("megatron_grin.bench.cli", "main", "micro-benchmarks"),
 }
 
 
@@ -49,13 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"megatron-grin: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, function, _ = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:  # the module exists but one of its imports is missing: show that
-            raise
-        print(f"megatron-grin {name}: not built yet ({module_name} does not exist in this version)", file=sys.stderr)
-        return 2
+    module = importlib.import_module(module_name)
     sys.argv = [f"megatron-grin {name}", *rest]
     result = getattr(module, function)(rest)
     return int(result or 0)

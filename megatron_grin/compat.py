@@ -13,12 +13,24 @@ Call :func:`apply` once, before building models or schedules (the trainer and te
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import types
 from dataclasses import dataclass
 from typing import Callable
 
+import megatron.core.utils as mutils
 import torch
+from megatron.core import package_info
+from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async, state_dict_saver
+from megatron.core.distributed import param_and_grad_buffer
+from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+from megatron.core.optimizer import optimizer as moptimizer
+from megatron.core.pipeline_parallel import p2p_communication, schedules
+from megatron.core.tensor_parallel import random as mrandom
+from megatron.core.transformer import utils
+from megatron.core.transformer.moe import moe_utils
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +39,6 @@ VERIFIED_MCORE = ((0, 16),)
 
 
 def mcore_version() -> tuple[int, int, int]:
-    from megatron.core import package_info
-
     parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in package_info.__version__.split(".")[:3]]
     return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
 
@@ -81,7 +91,6 @@ class Accommodation:
 
 def _te_general_gemm() -> None:
     # 0.16.1 references te_general_gemm in router_gating_linear without importing it when TE is absent.
-    from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
@@ -94,14 +103,12 @@ def _current_device() -> None:
 
 def _schedules_cuda_tensors() -> None:
     # schedules.py allocates its token counter with device="cuda".
-    from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchProxy(dict(_CPU_FACTORIES))
 
 
 def _attention_masks() -> None:
     # transformer/utils.py builds the default causal and sliding-window masks with device="cuda".
-    from megatron.core.transformer import utils
 
     utils.torch = _TorchProxy(dict(_CPU_FACTORIES))
 
@@ -109,7 +116,6 @@ def _attention_masks() -> None:
 def _p2p_synchronize() -> None:
     # p2p_communication calls torch.cuda.synchronize() after batched send/recv (batch_p2p_sync=True) and
     # allocates shape tensors on torch.cuda.current_device().
-    from megatron.core.pipeline_parallel import p2p_communication
 
     p2p_communication.torch = _TorchProxy({**_CPU_FACTORIES, "cuda": _CudaNamespace({"synchronize": lambda *a, **k: None})})
 
@@ -127,7 +133,6 @@ class _CudaNamespace(types.SimpleNamespace):
 def _rng_tracker() -> None:
     # The model-parallel RNG tracker (and activation checkpointing, which saves/restores RNG states) keeps
     # torch.cuda generator states. On CPU the CPU default generator plays the role of the device generator.
-    from megatron.core.tensor_parallel import random as mrandom
 
     cpu_rng = _CudaNamespace({
         "get_rng_state": lambda device=None: torch.get_rng_state(),
@@ -157,7 +162,6 @@ def _report_cuda_type(self, dtype=None, non_blocking=False, **kwargs):
 
 def _with_cuda_type_names(fn: Callable) -> Callable:
     """Run fn while Tensor.type() reports CPU tensors as torch.cuda.* (restored afterwards)."""
-    import functools
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -173,10 +177,6 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
 def _optimizer_cuda_tensors() -> None:
     # The optimizers, gradient clipping, the grad scaler, DDP's grad buffers and megatron.core.utils'
     # multi-tensor fallbacks allocate scalars and buffers with device="cuda" / current_device().
-    import megatron.core.utils as mutils
-    from megatron.core.distributed import param_and_grad_buffer
-    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
-    from megatron.core.optimizer import optimizer as moptimizer
 
     for module in (moptimizer, clip_grads, grad_scaler, distrib_optimizer, param_and_grad_buffer, mutils):
         module.torch = _TorchProxy(dict(_CPU_FACTORIES))
@@ -185,8 +185,6 @@ def _optimizer_cuda_tensors() -> None:
 def _cuda_tensor_type_checks() -> None:
     # Float16OptimizerWithFloat16Params, DistributedOptimizer and fp32 grad clipping accept parameters only
     # if param.type() is 'torch.cuda.{Float,BFloat16,Half}Tensor'. Those three call sites see CUDA names.
-    from megatron.core.optimizer import clip_grads, distrib_optimizer
-    from megatron.core.optimizer import optimizer as moptimizer
 
     f16 = moptimizer.Float16OptimizerWithFloat16Params
     f16.__init__ = _with_cuda_type_names(f16.__init__)
@@ -201,7 +199,6 @@ def _cuda_tensor_type_checks() -> None:
 def _dist_ckpt_cuda() -> None:
     # torch_dist saving calls torch.cuda.synchronize() after staging tensors and all-reduces flags in
     # device="cuda" / current_device() tensors.
-    from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async, state_dict_saver
 
     cuda = _CudaNamespace({"synchronize": lambda *a, **k: None})
     for module in (filesystem_async, state_dict_saver, async_utils):
@@ -211,9 +208,7 @@ def _dist_ckpt_cuda() -> None:
 def _process_memory_without_psutil() -> None:
     # filesystem_async measures the writer's RSS with psutil and raises if psutil is missing. Applied only
     # when psutil is not installed: /proc/self/statm gives the same number on Linux.
-    import os
 
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "HAVE_PSUTIL", True):
         return
@@ -236,7 +231,6 @@ def _distopt_torch_adam_state() -> None:
     #  * load_state_dict() gives every parameter the *same* step tensor, so AdamW increments it once per
     #    parameter per step and the bias correction is wrong after a resume (loss diverges from an
     #    uninterrupted run, and differently per pipeline layout).
-    from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return

@@ -12,6 +12,7 @@ import argparse
 from typing import Any
 
 from megatron_grin.config import GrinConfig
+from megatron_grin.model.build import build_model
 
 _GRIN_ARG_DEFAULTS = {"grin_router": "sparsemixer_v2", "grin_jitter_eps": 0.01, "grin_expert_backend": "auto"}
 
@@ -76,7 +77,6 @@ def grin_gpt_builder(args: Any, pre_process: bool, post_process: bool, vp_stage=
     Megatron-LM's own TransformerConfig (``config``) is not used for the architecture: GRIN's is derived
     from ``args`` so that both trainers build the identical model.
     """
-    from megatron_grin.model import build_model
 
     return build_model(grin_config_from_megatron_args(args), pre_process=pre_process, post_process=post_process,
                        vp_stage=vp_stage)

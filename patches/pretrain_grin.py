@@ -16,7 +16,8 @@ from megatron.core.enums import ModelType
 from megatron.training import get_args, pretrain
 
 import pretrain_gpt
-from megatron_grin import compat, routing_rng
+from megatron_grin import compat
+from megatron_grin.model import routing_rng
 from megatron_grin.megatron_lm import add_grin_args, grin_gpt_builder
 from model_provider import model_provider
 

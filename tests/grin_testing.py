@@ -25,7 +25,7 @@ def hf_reference(cfg: GrinConfig, seed: int = 0):
     """A randomly initialised transformers PhimoeForCausalLM with the same shape (fp32, eager)."""
     from transformers import PhimoeConfig, PhimoeForCausalLM
 
-    from megatron_grin.hf_mapping import hf_config_dict
+    from megatron_grin.convert.hf_keys import hf_config_dict
 
     torch.manual_seed(seed)
     hf_cfg = PhimoeConfig(**{k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "torch_dtype")})
@@ -39,7 +39,7 @@ def hf_reference(cfg: GrinConfig, seed: int = 0):
 
 
 def full_state_from_hf(model, cfg: GrinConfig) -> dict[str, torch.Tensor]:
-    from megatron_grin.hf_mapping import from_hf
+    from megatron_grin.convert.hf_keys import from_hf
 
     return from_hf({k: v.detach().clone() for k, v in model.state_dict().items()}, cfg)
 

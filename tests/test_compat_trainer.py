@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent('''
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron_grin.config import preset
-    from megatron_grin.model import build_model
+    from megatron_grin.model.build import build_model
 
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0)

@@ -81,7 +81,7 @@ def test_dry_run_srun_per_rank(preset, nodes, tmp_path):
 @pytest.mark.parametrize("preset,nodes", PRESETS.items())
 def test_preset_command_passes_the_trainers_own_checks(preset, nodes, tmp_path):
     """The merged config and the flags a preset job would run parse and validate in `megatron-grin pretrain`."""
-    from megatron_grin.arguments import parse_args
+    from megatron_grin.training.arguments import parse_args
 
     out, _, srun = dry_run("--preset", preset, "--run-dir", str(tmp_path), "--", "--mock-data")
     config = "\n".join(line[4:] for line in out.splitlines() if line.startswith("#   "))

@@ -1,6 +1,6 @@
 """Fused SparseMixer-v2 routing: one Triton kernel for all picks forward, one for the router gradient.
 
-Why: the torch path (``megatron_grin.router.sparsemixer_v2_with_stats`` fed by
+Why: the torch path (``megatron_grin.model.router.sparsemixer_v2_with_stats`` fed by
 ``routing_rng.routing_uniforms``) materialises [T, K, E+1] uniforms and runs ~40 small kernels per pick;
 on a GPU that is launch-bound. The kernel draws the same Philox4x32-10 numbers in registers (same
 key = (seed, iteration) and counters = (token_id, lane_block, layer_number*4 + stream, microbatch) as
@@ -15,12 +15,14 @@ Shapes: T tokens, E experts, K picks (top_k).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megatron_grin import routing_rng
+from megatron_grin.model import routing_rng
+from megatron_grin.model.sparsemixer import HEUN_HIGH_ADD, HEUN_LOW, VARIANTS, sparsemixer_v2_with_stats
 
 try:  # Triton is optional: CPU installs use the torch reference.
     import triton
@@ -46,8 +48,6 @@ class RoutingKey:
 
 
 def _variant(variant: str):
-    from megatron_grin.router import VARIANTS
-
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is unknown; choose one of {sorted(VARIANTS)}")
     return VARIANTS[variant]
@@ -55,7 +55,6 @@ def _variant(variant: str):
 
 def _heun_multipliers() -> tuple[float, float]:
     """(m for a partial pick, m for a full pick), computed exactly as the torch reference does."""
-    from megatron_grin.router import HEUN_HIGH_ADD, HEUN_LOW
 
     low, high = torch.add(HEUN_LOW, torch.tensor([False, True]), alpha=HEUN_HIGH_ADD).tolist()
     return low, high
@@ -78,7 +77,6 @@ def torch_sparsemixer_routing(logits_TE: torch.Tensor, jitter_eps: float, top_k:
     Returns (weights [T, K] in the logits dtype, experts [T, K] int64, stats) where stats holds bool
     [T, K] ``sampled_not_argmax`` and ``full_multiplier`` in training and is empty in eval.
     """
-    from megatron_grin.router import sparsemixer_v2_with_stats
 
     _check_args(logits_TE, top_k)
     uniforms = None
@@ -297,7 +295,6 @@ def triton_sparsemixer_routing(logits_TE: torch.Tensor, jitter_eps: float, top_k
 
 def have_triton_kernels(device: torch.device) -> bool:
     """Triton can run here: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1, for tests)."""
-    import os
 
     return HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 

@@ -1,0 +1,1 @@
+"""``megatron-grin bench``: MoE layer, routing and model benchmarks against dense and megatron-core."""

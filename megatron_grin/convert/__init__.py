@@ -1,0 +1,1 @@
+"""``megatron-grin convert``: megatron checkpoints to and from Hugging Face ``PhimoeForCausalLM``."""

@@ -1,0 +1,1 @@
+"""``megatron-grin pretrain`` and its parts: flags, trainer loop, checkpoints, metrics, data, tokenizers."""
