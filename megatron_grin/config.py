@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 ROUTER_VARIANTS = ("sparsemixer_v2", "sparsemixer_v2_star")
 EXPERT_BACKENDS = ("auto", "sequential", "grouped_mm", "te_grouped")
+#: Megatron-LM's --attention-backend names
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,11 @@ class GrinConfig:
     moe_aux_loss_coeff: float = 0.0  # --moe-aux-loss-coeff (global balance loss on sampled picks)
     moe_z_loss_coeff: Optional[float] = None  # --moe-z-loss-coeff
     expert_backend: str = "auto"  # --grin-expert-backend
+    # --- fused paths (Megatron-LM's switches; None = on where CUDA and Triton are available) -----
+    moe_router_fusion: Optional[bool] = None  # --moe-router-fusion (Triton SparseMixer-v2 routing)
+    moe_permute_fusion: Optional[bool] = None  # --moe-permute-fusion (Triton permute / weighted unpermute)
+    moe_grouped_gemm: Optional[bool] = None  # --moe-grouped-gemm (grouped-GEMM experts)
+    attention_backend: str = "auto"  # --attention-backend auto|flash|fused|unfused|local
     # --- parallel layout --------------------------------------------------------------------
     tensor_model_parallel_size: int = 1  # --tensor-model-parallel-size
     pipeline_model_parallel_size: int = 1  # --pipeline-model-parallel-size
@@ -113,6 +120,9 @@ class GrinConfig:
         if self.expert_backend not in EXPERT_BACKENDS:
             raise ConfigError(f"--grin-expert-backend {self.expert_backend!r} is unknown; choose one of "
                               f"{EXPERT_BACKENDS}.")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"--attention-backend {self.attention_backend!r} is unknown; choose one of "
+                              f"{ATTENTION_BACKENDS}.")
         if not self.router_jitter_eps >= 0:
             raise ConfigError(f"--grin-jitter-eps must be >= 0 (got {self.router_jitter_eps}).")
         if not 0 <= self.input_jitter_eps < 1:

@@ -27,6 +27,7 @@ import yaml
 
 from megatron_grin.ckpt_format import check_checkpoint_config
 from megatron_grin.config import (
+    ATTENTION_BACKENDS,
     EXPERT_BACKENDS,
     PRESETS,
     ROUTER_VARIANTS,
@@ -144,6 +145,10 @@ MODEL_FLAGS = {
     "moe_aux_loss_coeff": "moe_aux_loss_coeff",
     "moe_z_loss_coeff": "moe_z_loss_coeff",
     "grin_expert_backend": "expert_backend",
+    "moe_router_fusion": "moe_router_fusion",
+    "moe_permute_fusion": "moe_permute_fusion",
+    "moe_grouped_gemm": "moe_grouped_gemm",
+    "attention_backend": "attention_backend",
     "tensor_model_parallel_size": "tensor_model_parallel_size",
     "pipeline_model_parallel_size": "pipeline_model_parallel_size",
     "expert_tensor_parallel_size": "expert_tensor_parallel_size",
@@ -215,6 +220,10 @@ def _parallel_flags(g) -> None:
     add("--use-distributed-optimizer", action=boolean, default=False)
     add("--overlap-grad-reduce", action=boolean, default=False)
     add("--transformer-impl", choices=("local", "transformer_engine"), default=None)
+    add("--moe-router-fusion", action=boolean, default=None, help="Triton SparseMixer-v2 routing (default: on CUDA)")
+    add("--moe-permute-fusion", action=boolean, default=None, help="Triton permute/unpermute (default: on CUDA)")
+    add("--moe-grouped-gemm", action=boolean, default=None, help="grouped-GEMM experts (default: on)")
+    add("--attention-backend", choices=ATTENTION_BACKENDS, default=None)
 
 
 def _training_flags(g) -> None:

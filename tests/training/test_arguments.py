@@ -126,7 +126,7 @@ SAMPLES = {
     "--lr-decay-style": "cosine", "--recompute-granularity": "full", "--recompute-method": "block",
     "--transformer-impl": "local", "--normalization": "LayerNorm", "--position-embedding-type": "rope",
     "--sliding-window": "none", "--split": "90,10,0", "--tokenizer": "byte", "--tokenizer-type": "byte",
-    "--data-path": "0.5 a 0.5 b", "--eval-interval": "none",
+    "--data-path": "0.5 a 0.5 b", "--eval-interval": "none", "--attention-backend": "flash",
 }
 
 
