@@ -52,10 +52,11 @@ def run(cmd: list[str], env: dict) -> tuple[float, float]:
 def write_random_hf(path: str, cfg, dtype: torch.dtype) -> int:
     """A random HF Phimoe directory written one tensor at a time; returns its size in bytes."""
     from megatron_grin.convert import hf_io
+    from megatron_grin.convert.hf_keys import hf_keys
     from megatron_grin.convert.safetensors_writer import ShardedSafetensorsWriter, plan_shards
 
     shapes = hf_io.hf_tensor_shapes(cfg)
-    order = hf_io.hf_export_order(cfg)
+    order = list(hf_keys(cfg))
     plan = plan_shards([(k, shapes[k], dtype) for k in order], 2 * 10**9)
     g = torch.Generator().manual_seed(0)
     with ShardedSafetensorsWriter(path, plan) as writer:

@@ -35,7 +35,7 @@ from megatron_grin.ckpt_format import iteration_dir
 from megatron_grin.config import ConfigError
 from megatron_grin.convert import hf_io
 from megatron_grin.convert.hf_io import ConversionError
-from megatron_grin.convert.hf_keys import globals_from_hf, globals_to_hf, layer_from_hf, layer_to_hf
+from megatron_grin.convert.hf_keys import HF_GLOBAL_KEYS, globals_from_hf, globals_to_hf, hf_keys, layer_from_hf, layer_to_hf
 from megatron_grin.convert.mcore_io import CheckpointReader, find_checkpoint, save_streaming, single_process_megatron
 from megatron_grin.convert.safetensors_writer import ShardedSafetensorsWriter, parse_size, plan_shards
 from megatron_grin.convert.verify import verify as run_verify
@@ -115,7 +115,7 @@ def to_hf(load: str, out: str, iteration: Optional[int] = None, dtype: Optional[
         stored = reader.stored_dtype("embedding.word_embeddings.weight")
         out_dtype = _dtype(dtype) or stored
         shapes = hf_io.hf_tensor_shapes(cfg)
-        plan = plan_shards([(k, shapes[k], out_dtype) for k in hf_io.hf_export_order(cfg)], max_bytes)
+        plan = plan_shards([(k, shapes[k], out_dtype) for k in hf_keys(cfg)], max_bytes)
         with ShardedSafetensorsWriter(tmp, plan) as writer:
             for layer in [None, *range(cfg.num_layers)]:
                 ours = reader.load(reader.names(layer))
@@ -163,8 +163,6 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
     out_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     _say(f"reading {hf}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_experts} experts; writing "
          f"{str(out_dtype).replace('torch.', '')} for TP{tensor_model_parallel_size}/PP{pipeline_model_parallel_size}")
-    global_keys = ["model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", "lm_head.weight",
-                   "lm_head.bias"]
     layer_keys: dict[int, list[str]] = {}
     for key in hf_io.hf_tensor_shapes(cfg):
         if key.startswith("model.layers."):
@@ -172,7 +170,7 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
 
     def produce(layer: Optional[int]) -> dict[str, torch.Tensor]:
         if layer is None:
-            return globals_from_hf({k: weights[k] for k in global_keys}, cfg)
+            return globals_from_hf({k: weights[k] for k in HF_GLOBAL_KEYS}, cfg)
         if (layer + 1) % max(1, cfg.num_layers // 8) == 0:
             _say(f"  layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.0f}s)")
         return layer_from_hf({k: weights[k] for k in layer_keys[layer]}, layer, cfg)

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from megatron_grin.config import ConfigError, GrinConfig
-from megatron_grin.convert.hf_keys import hf_config_dict, hf_keys
+from megatron_grin.convert.hf_keys import HF_GLOBAL_KEYS, hf_config_dict, hf_keys
 from megatron_grin.training.tokenizer import HFTokenizer
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,7 @@ def hf_tensor_shapes(cfg: GrinConfig) -> dict[str, tuple[int, ...]]:
         "self_attn.o_proj.weight": (h, q), "self_attn.o_proj.bias": (h,),
         "block_sparse_moe.gate.weight": (cfg.num_experts, h),
     }
-    glob = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "model.norm.bias": (h,),
-            "lm_head.weight": (v, h), "lm_head.bias": (v,)}
+    glob = dict(zip(HF_GLOBAL_KEYS, [(v, h), (h,), (h,), (v, h), (v,)]))
     expert = re.compile(r"^model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w(\d)\.weight$")
     out = {}
     for key in hf_keys(cfg):
@@ -195,15 +194,6 @@ def hf_tensor_shapes(cfg: GrinConfig) -> dict[str, tuple[int, ...]]:
         else:
             out[key] = per_layer[key.split(".", 3)[3]]
     return out
-
-
-def hf_export_order(cfg: GrinConfig) -> list[str]:
-    """File order of the export: embeddings, final norm and lm_head first, then layers 0..L-1.
-
-    The globals come first so that they can be written and freed before the layers stream in.
-    """
-    head = ["model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", "lm_head.weight", "lm_head.bias"]
-    return head + [k for k in hf_keys(cfg) if k not in head]
 
 
 # --- safetensors reading -----------------------------------------------------------------------------

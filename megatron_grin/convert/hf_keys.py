@@ -34,6 +34,8 @@ _DIRECT = {
     "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
     "mlp.router.weight": "block_sparse_moe.gate.weight",
 }
+#: HF tensors outside the layers, in export order (written and freed before the layers stream in)
+HF_GLOBAL_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", "lm_head.weight", "lm_head.bias")
 _GLOBAL_DIRECT = {
     "decoder.final_layernorm.weight": "model.norm.weight",
     "decoder.final_layernorm.bias": "model.norm.bias",
@@ -164,8 +166,8 @@ def normalize_hf_keys(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def hf_keys(cfg: GrinConfig) -> Iterator[str]:
-    """Every HF key a GRIN model of this shape has (for completeness checks)."""
-    yield from ("model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", "lm_head.weight", "lm_head.bias")
+    """Every HF key a GRIN model of this shape has: the globals first, then layers 0..L-1 (the export order)."""
+    yield from HF_GLOBAL_KEYS
     for i in range(cfg.num_layers):
         h = _HF_LAYER.format(i=i)
         yield from (h + v for v in _DIRECT.values())

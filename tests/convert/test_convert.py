@@ -263,7 +263,8 @@ def test_singleton_expert_layout_is_read(tmp_path):
 def test_grin_16x3_8b_maps_every_parameter_on_meta():
     from transformers import PhimoeConfig, PhimoeForCausalLM
 
-    from megatron_grin.convert.hf_io import hf_export_order, hf_tensor_shapes
+    from megatron_grin.convert.hf_io import hf_tensor_shapes
+    from megatron_grin.convert.hf_keys import hf_keys
     from megatron_grin.convert.hf_keys import hf_config_dict, to_hf
     from megatron_grin.convert.mcore_io import build_tp1_model, model_sharded_state_dict, single_process_megatron
     from megatron_grin.convert.safetensors_writer import plan_shards
@@ -284,7 +285,7 @@ def test_grin_16x3_8b_maps_every_parameter_on_meta():
                                                       if k not in ("architectures", "torch_dtype")}))
     theirs = {k: tuple(v.shape) for k, v in normalize_hf_keys(hf_model.state_dict()).items()}
     assert theirs == shapes  # no missing or extra keys, same shapes
-    plan = plan_shards([(k, shapes[k], torch.bfloat16) for k in hf_export_order(cfg)], 5 * 10**9)
+    plan = plan_shards([(k, shapes[k], torch.bfloat16) for k in hf_keys(cfg)], 5 * 10**9)
     total = sum(e.nbytes for shard in plan for e in shard)
     assert abs(total / 2 / 1e9 - 41.87) < 0.01 and len(plan) == -(-total // (5 * 10**9))
 
