@@ -48,7 +48,7 @@ def main() -> None:
     tconfig = transformer_config(bench._grin_config(layer_args))
     pg = get_default_pg_collection()
     specs = {"sequential": experts_spec("sequential", False), "grouped_mm": BACKEND_SPECS["grouped_mm"](False),
-             "grouped_mm_forced": ModuleSpec(module=GroupedMMExperts, params={"use_grouped_mm": True})}
+             "grouped_mm_forced": ModuleSpec(module=GroupedMMExperts, params={"gemm": "grouped_mm"})}
     modules = {name: build_module(spec, args.experts, tconfig, pg_collection=pg) for name, spec in specs.items()}
     dtype = bench.DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(0)

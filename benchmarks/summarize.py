@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from megatron_grin.bench.cli import markdown_table
+from megatron_grin.bench.harness import markdown_table
 
 
 def _expert_bytes(meta: dict) -> int:
@@ -30,6 +30,12 @@ def _load(results_dir: str) -> list[tuple[str, dict]]:
     return out
 
 
+def _ours(rows: list[dict], backend: str) -> dict:
+    """Our row for a backend: "GRIN MoE (backend)" or, since the kernels are named, "GRIN MoE (backend: ...)"."""
+    return next((r for r in rows if r["name"] == f"GRIN MoE ({backend})" or
+                 r["name"].startswith(f"GRIN MoE ({backend}:")), {})
+
+
 def summary_table(runs: list[tuple[str, dict]]) -> str:
     """One line per moe-layer run: every implementation as x dense, and our best backend vs the baselines."""
     lines = ["| run | x dense: ours (sequential) | ours (grouped_mm) | megatron MoELayer | HF Phimoe | "
@@ -39,13 +45,12 @@ def summary_table(runs: list[tuple[str, dict]]) -> str:
         if result["meta"]["kind"] != "moe-layer":
             continue
         rows = result["rows"]
-        by_name = {r["name"]: r for r in rows}
-        ratio = {key: by_name.get(f"GRIN MoE ({key})", {}).get("ratio_to_dense") for key in ("sequential", "grouped_mm")}
+        ratio = {key: _ours(rows, key).get("ratio_to_dense") for key in ("sequential", "grouped_mm")}
         megatron = next((r["ratio_to_dense"] for r in rows if r["role"] == "megatron"), None)
         hf = next((r["ratio_to_dense"] for r in rows if r["role"] == "hf"), None)
         ours = min((v for v in ratio.values() if v), default=None)
         dense = next((r for r in rows if r["role"] == "dense"), {})
-        grouped = by_name.get("GRIN MoE (grouped_mm)", {})
+        grouped = _ours(rows, "grouped_mm")
         mem = (grouped["step_peak_bytes"] / dense["step_peak_bytes"]
                if grouped.get("step_peak_bytes") and dense.get("step_peak_bytes") else None)
         cells = [ratio["sequential"], ratio["grouped_mm"], megatron, hf,

@@ -7,6 +7,7 @@ logits [B, S, V/TP] or the per-token loss when labels are given).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -14,25 +15,36 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_grin import compat
 from megatron_grin.config import GrinConfig, resolve_backend
 from megatron_grin.model.spec import default_use_te, grin_block_spec
+from megatron_grin.ops.backend import fusion_backend
+from megatron_grin.settings import field_default
 
 
 @dataclass
 class GrinTransformerConfig(TransformerConfig):
     """megatron TransformerConfig plus the GRIN router settings the SparseMixerV2Router reads."""
 
-    grin_router_variant: str = "v2"
-    """SparseMixer estimator: "v2" (GRIN) or "v2_star" (the paper's corrected estimator)."""
-    grin_router_jitter_eps: float = 0.01
+    # Defaults are GrinConfig's (config.py declares them once); transformer_config() always sets all three.
+    grin_router_variant: str = field_default(GrinConfig, "router_variant")
+    """SparseMixer estimator, by --grin-router's names: sparsemixer_v2 (GRIN) or sparsemixer_v2_star."""
+    grin_router_jitter_eps: float = field_default(GrinConfig, "router_jitter_eps")
     """Relative mask threshold epsilon (HF router_jitter_noise)."""
-    grin_input_jitter_eps: float = 0.0
+    grin_input_jitter_eps: float = field_default(GrinConfig, "input_jitter_eps")
     """Multiplicative jitter of the MoE input in training (HF input_jitter_noise); experts see it too."""
-
-
-_VARIANT = {"sparsemixer_v2": "v2", "sparsemixer_v2_star": "v2_star"}
+    grin_router_backend: str = "auto"
+    """Routing and input-jitter kernels (--moe-router-fusion): auto (Triton on CUDA), triton or torch."""
+    grin_permute_backend: str = "auto"
+    """Permute/unpermute kernels of GrinTokenDispatcher (--moe-permute-fusion): auto, triton or torch."""
+    grin_expert_fusion: str = "auto"
+    """GroupedMMExperts (--moe-grouped-gemm): auto (grouped GEMMs + SwiGLU kernel on CUDA, the expert loop
+    on CPU), triton (forced on) or torch (the expert loop)."""
+    grin_grouped_gemm: str = "auto"
+    """The grouped GEMM when fused: auto (torch grouped_mm on sm90+ bf16, else Triton), grouped_mm or triton."""
 
 
 def transformer_config(cfg: GrinConfig, **overrides: Any) -> GrinTransformerConfig:
@@ -55,19 +67,20 @@ def transformer_config(cfg: GrinConfig, **overrides: Any) -> GrinTransformerConf
         gated_linear_unit=True,
         activation_func=F.silu,
         bias_activation_fusion=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
         window_size=None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0),
+        attention_backend=AttnBackend[cfg.attention_backend],  # the core attention: model/spec.py
         num_moe_experts=cfg.num_experts,
         moe_router_topk=cfg.moe_router_topk,
         moe_router_load_balancing_type="none",  # the GRIN router attaches its own global balance loss
-        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_aux_loss_coeff=cfg.balance_loss_coeff,  # 0 under --moe-router-load-balancing-type none
         moe_z_loss_coeff=cfg.moe_z_loss_coeff,
         moe_expert_capacity_factor=None,  # dropless
         moe_token_dispatcher_type="allgather",  # EP=1: gather SP shards, every rank computes all experts
         moe_grouped_gemm=resolve_backend(cfg.expert_backend) == "te_grouped",
-        moe_router_dtype="fp32",
+        moe_router_dtype=cfg.moe_router_dtype,
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
@@ -85,9 +98,12 @@ def transformer_config(cfg: GrinConfig, **overrides: Any) -> GrinTransformerConf
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        grin_router_variant=_VARIANT[cfg.router_variant],
+        grin_router_variant=cfg.router_variant,
         grin_router_jitter_eps=cfg.router_jitter_eps,
         grin_input_jitter_eps=cfg.input_jitter_eps,
+        grin_router_backend=fusion_backend(cfg.moe_router_fusion),
+        grin_permute_backend=fusion_backend(cfg.moe_permute_fusion),
+        grin_expert_fusion=fusion_backend(cfg.moe_grouped_gemm),
     )
     kwargs.update(cfg.extra)
     kwargs.update(overrides)
@@ -110,14 +126,21 @@ class GrinGPTModel(GPTModel):
 
 def build_model(cfg: GrinConfig, *, pre_process: bool = True, post_process: bool = True,
                 vp_stage: Optional[int] = None, use_te: Optional[bool] = None,
-                tconfig: Optional[GrinTransformerConfig] = None, **config_overrides: Any) -> GrinGPTModel:
-    """Build the GRIN model chunk for the current (virtual) pipeline stage; needs parallel_state set up."""
+                tconfig: Optional[GrinTransformerConfig] = None, mlp_spec: Optional[Any] = None,
+                **config_overrides: Any) -> GrinGPTModel:
+    """Build the GRIN model chunk for the current (virtual) pipeline stage; needs parallel_state set up.
+
+    ``mlp_spec`` replaces the MoE layer of every block (``bench model``'s dense GPT with the same attention).
+    """
     use_te = default_use_te() if use_te is None else use_te
     tconfig = tconfig or transformer_config(cfg, **config_overrides)
+    block = grin_block_spec(tconfig, use_te=use_te, expert_backend=cfg.expert_backend, vp_stage=vp_stage)
+    if mlp_spec is not None:
+        block.layer_specs = [dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mlp=mlp_spec))
+                             for layer in block.layer_specs]
     return GrinGPTModel(
         config=tconfig,
-        transformer_layer_spec=grin_block_spec(tconfig, use_te=use_te, expert_backend=cfg.expert_backend,
-                                               vp_stage=vp_stage),
+        transformer_layer_spec=block,
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -130,37 +153,10 @@ def build_model(cfg: GrinConfig, *, pre_process: bool = True, post_process: bool
     )
 
 
-def parameter_counts(cfg: GrinConfig) -> dict[str, int]:
-    """Total and active (per-token) parameter counts of the unpadded model, computed analytically.
-
-    Active = everything except the (num_experts - top_k) experts a token does not visit.
-    """
-    h, f, v, e, k = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.num_experts, cfg.moe_router_topk
-    d, heads, groups = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
-    attn = h * d * (heads + 2 * groups) + d * (heads + 2 * groups) + heads * d * h + h
-    norms = 2 * 2 * h
-    router = e * h
-    expert = 3 * h * f
-    layer_total = attn + norms + router + e * expert
-    layer_active = attn + norms + router + k * expert
-    embed_and_head = v * h + (v * h + v) + 2 * h
-    return {
-        "total": cfg.num_layers * layer_total + embed_and_head,
-        "active": cfg.num_layers * layer_active + embed_and_head,
-        "expert": cfg.num_layers * e * expert,
-    }
-
-
 def build_model_on_meta(cfg: GrinConfig, **kwargs: Any) -> GrinGPTModel:
     """Build the model with no storage (meta tensors): shapes, names and counts of any size, instantly.
 
-    megatron allocates on ``torch.cuda.current_device()`` explicitly, so that is pointed at "meta" for the
-    duration of the build, alongside the default-device context.
+    megatron allocates on ``torch.cuda.current_device()`` explicitly: compat points that at "meta" too.
     """
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "meta"  # type: ignore[assignment]
-    try:
-        with torch.device("meta"):
-            return build_model(cfg, use_cpu_initialization=False, perform_initialization=False, **kwargs)
-    finally:
-        torch.cuda.current_device = original  # type: ignore[assignment]
+    with torch.device("meta"), compat.megatron_allocates_on_meta():
+        return build_model(cfg, use_cpu_initialization=False, perform_initialization=False, **kwargs)

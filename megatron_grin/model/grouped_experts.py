@@ -1,8 +1,11 @@
 """GroupedMMExperts: the "grouped_mm" expert backend (all experts in two 3D weights, grouped GEMMs).
 
 This module holds all experts in two 3D parameters, so no per-step allocation grows with the number of
-experts beyond the permuted activations; the maths (grouped GEMMs, SwiGLU, scaling by the routing
-weight) is in ops/grouped_mlp.py.
+experts beyond the permuted activations; the maths (grouped GEMMs, SwiGLU with the routing weight inside,
+the fused weight gradient) is in ops/grouped_mlp.py. Which kernels run comes from the config:
+``grin_expert_fusion`` (Megatron-LM's --moe-grouped-gemm: grouped GEMMs + the SwiGLU kernel, or the
+per-expert loop) and ``grin_grouped_gemm`` (torch's grouped_mm or the Triton grouped GEMM); with the
+Triton GEMM the weight gradients add straight into megatron's fp32 ``main_grad`` when DDP provides one.
 
 Contract (megatron-core 0.16 experts): ``__init__(num_local_experts, config, submodules,
 pg_collection)``, ``forward(permuted_local_hidden_states [N, H], tokens_per_expert [E],
@@ -36,7 +39,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_grin.ops.grouped_mlp import grouped_swiglu_mlp
+from megatron_grin.ops.grouped_mlp import GEMMS, expert_kernels, grouped_swiglu_mlp
 
 _SEQ_KEY = re.compile(r"^local_experts\.(\d+)\.linear_fc([12])\.(weight|_extra_state)$")
 
@@ -45,9 +48,13 @@ class GroupedMMExperts(MegatronModule):
     """All local experts as two 3D weights: fc1 [E, 2F/tp, H] ([gate; up] per rank), fc2 [E, H, F/tp]."""
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None,
-                 use_grouped_mm: Optional[bool] = None, **kwargs):
+                 gemm: Optional[str] = None, **kwargs):
         super().__init__(config=config)
-        self.use_grouped_mm = use_grouped_mm  # None: torch grouped_mm where supported, else the GEMM loop
+        if gemm is not None and gemm not in GEMMS:
+            raise ValueError(f"GroupedMMExperts gemm {gemm!r} is unknown; choose one of {GEMMS}")
+        self.gemm = gemm  # None: from the config's fusion switch and grouped GEMM choice, per device
+        self.fusion = getattr(config, "grin_expert_fusion", "auto")
+        self.grouped_gemm = getattr(config, "grin_grouped_gemm", "auto")
         if not config.gated_linear_unit or config.activation_func is not F.silu:
             raise ValueError("GroupedMMExperts implements SwiGLU experts (gated_linear_unit=True, silu).")
         if config.add_bias_linear:
@@ -104,9 +111,17 @@ class GroupedMMExperts(MegatronModule):
                 raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1.")
             hidden = (probs.unsqueeze(-1) * hidden).to(hidden.dtype)
             probs = None
-        output = grouped_swiglu_mlp(hidden.reshape(-1, hidden.shape[-1]), self.fc1_weight, self.fc2_weight,
-                                    tokens_per_expert, probs, self.use_grouped_mm)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        gemm, swiglu = self.kernels(hidden)
+        output = grouped_swiglu_mlp(hidden, self.fc1_weight, self.fc2_weight, tokens_per_expert, probs,
+                                    gemm=gemm, swiglu=swiglu, accumulation_fusion=gemm == "triton")
         return output, None
+
+    def kernels(self, hidden: torch.Tensor) -> tuple[str, str]:
+        """(gemm, swiglu backend) this module runs for ``hidden``."""
+        if self.gemm is None:
+            return expert_kernels(hidden, self.fusion, self.grouped_gemm)
+        return self.gemm, "auto"
 
     def backward_dw(self):
         """No deferred weight-gradient work (megatron API)."""

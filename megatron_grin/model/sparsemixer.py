@@ -18,7 +18,7 @@ Semantics follow Hugging Face transformers' ``phimoe.sparsemixer`` (the only pub
   * backward: dL/dz = g * p_D * (onehot(D) - p) with g = dL/dweight -- m does not appear, and nothing
     flows through p itself.
 The paper's corrected estimator v2* (temperature 2, Bernoulli 5/8, x2) is available as
-``variant="v2_star"``.
+``variant="sparsemixer_v2_star"`` (the names of ``--grin-router``).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class EstimatorVariant:
 
 
 VARIANTS = {
-    "v2": EstimatorVariant(temperature=1.0, p_full=0.25, grad_scale=1.0),
-    "v2_star": EstimatorVariant(temperature=2.0, p_full=5.0 / 8.0, grad_scale=2.0),
+    "sparsemixer_v2": EstimatorVariant(temperature=1.0, p_full=0.25, grad_scale=1.0),
+    "sparsemixer_v2_star": EstimatorVariant(temperature=2.0, p_full=5.0 / 8.0, grad_scale=2.0),
 }
 
 
@@ -75,7 +75,7 @@ def _relative_mask(logits_TE: torch.Tensor, remaining_TE: torch.Tensor, jitter_e
 
 
 def sparsemixer_v2(logits: torch.Tensor, jitter_eps: float, top_k: int, training: bool,
-                   uniforms: Optional[torch.Tensor] = None, variant: str = "v2"):
+                   uniforms: Optional[torch.Tensor] = None, variant: str = "sparsemixer_v2"):
     """SparseMixer-v2 routing for any top_k >= 1: returns (weights [T, top_k], experts [T, top_k]).
 
     See :func:`sparsemixer_v2_with_stats` for the arguments.
@@ -85,7 +85,7 @@ def sparsemixer_v2(logits: torch.Tensor, jitter_eps: float, top_k: int, training
 
 
 def sparsemixer_v2_with_stats(logits: torch.Tensor, jitter_eps: float, top_k: int, training: bool,
-                              uniforms: Optional[torch.Tensor] = None, variant: str = "v2"):
+                              uniforms: Optional[torch.Tensor] = None, variant: str = "sparsemixer_v2"):
     """SparseMixer-v2 routing for any top_k >= 1, plus per-pick statistics.
 
     Args:
@@ -94,7 +94,7 @@ def sparsemixer_v2_with_stats(logits: torch.Tensor, jitter_eps: float, top_k: in
         top_k: picks per token.
         training: sample (True) or take the argmax (False).
         uniforms: [T, top_k, E+1] uniforms in (0, 1) for training; drawn from torch's generator if None.
-        variant: "v2" (GRIN, default) or "v2_star" (the paper's corrected estimator).
+        variant: "sparsemixer_v2" (GRIN, default) or "sparsemixer_v2_star" (the paper's corrected estimator).
 
     Returns:
         (weights [T, top_k], experts [T, top_k] int64, stats) where stats holds bool [T, top_k] tensors

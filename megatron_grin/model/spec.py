@@ -3,6 +3,11 @@
 The GRIN block is pre-LN with LayerNorm *with bias*, q/k/v/o biases, GQA + RoPE (+ sliding window),
 and an MoE MLP (SparseMixer-v2 router without bias, dropless SwiGLU experts without bias).
 Two flavours: ``local`` (pure PyTorch; CPU, tests, no Transformer Engine) and ``te``.
+Megatron-LM's ``--attention-backend`` (``TransformerConfig.attention_backend``) picks the core attention:
+``local`` is megatron's DotProductAttention on either flavour (as Megatron-Bridge does); on the local
+spec ``unfused`` is too, and auto / flash / fused are GrinCoreAttention (model/attention.py); on the TE
+spec auto / flash / fused / unfused are TEDotProductAttention, which megatron's GPTModel steers through
+the NVTE_*_ATTN variables.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -22,6 +27,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_grin.config import have_transformer_engine
+from megatron_grin.model import attention as grin_attention
 from megatron_grin.model.experts import experts_spec
 from megatron_grin.model.layers import (
     RowParallelLinearWithBias,
@@ -30,16 +36,6 @@ from megatron_grin.model.layers import (
 )
 from megatron_grin.model.moe_layer import GrinMoELayer
 from megatron_grin.model.router import SparseMixerV2Router
-
-
-class _KnownMoELayerFilter(logging.Filter):
-    """TransformerLayer warns "Unknown MLP type" for any MoELayer subclass; GrinMoELayer is one."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Unknown MLP type" not in record.getMessage()
-
-
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMoELayerFilter())
 
 
 def grin_moe_spec(expert_backend: str = "auto", use_te: bool = False) -> ModuleSpec:
@@ -51,21 +47,44 @@ def grin_moe_spec(expert_backend: str = "auto", use_te: bool = False) -> ModuleS
     )
 
 
-def grin_layer_spec(use_te: bool = False, expert_backend: str = "auto") -> ModuleSpec:
-    """One GRIN transformer layer (attention + MoE)."""
+def core_attention_spec(attention_backend: str = "auto", use_te: bool = False):
+    """The ``core_attention`` submodule for Megatron-LM's --attention-backend name on this spec flavour."""
+    if attention_backend not in {b.name for b in AttnBackend}:
+        raise ValueError(f"--attention-backend {attention_backend!r} is unknown; choose one of "
+                         f"{[b.name for b in AttnBackend]}")
+    if attention_backend == "local" or (attention_backend == "unfused" and not use_te):
+        return DotProductAttention
     if use_te:
-        from megatron.core.extensions.transformer_engine import (
-            TEDotProductAttention,
-            TELayerNormColumnParallelLinear,
-            TENorm,
-        )
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    return ModuleSpec(module=grin_attention.GrinCoreAttention, params={"attention_backend": attention_backend})
+
+
+def describe_core_attention(attention_backend: str, use_te: bool, window_size, device_type: str) -> str:
+    """The model-build log line: which core attention runs, with which kernels."""
+    core = core_attention_spec(attention_backend, use_te)
+    if core is DotProductAttention:
+        return "core attention: megatron DotProductAttention (unfused: materialises [b, heads, s, s] scores)"
+    if use_te:
+        return (f"core attention: TEDotProductAttention (Transformer Engine's kernel choice, "
+                f"--attention-backend {attention_backend})")
+    left = None if window_size is None or window_size[0] < 0 else window_size[0]
+    return "core attention: " + grin_attention.describe(attention_backend, left, device_type)
+
+
+def grin_layer_spec(use_te: bool = False, expert_backend: str = "auto", attention_backend: str = "auto") -> ModuleSpec:
+    """One GRIN transformer layer (attention + MoE)."""
+    core_attention = core_attention_spec(attention_backend, use_te)
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear, TENorm
 
         return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp,  # fused into linear_qkv
             self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
                                       submodules=SelfAttentionSubmodules(
                                           linear_qkv=TELayerNormColumnParallelLinear,
-                                          core_attention=TEDotProductAttention,
+                                          core_attention=core_attention,
                                           linear_proj=te_row_parallel_linear_with_bias(),
                                           q_layernorm=IdentityOp, k_layernorm=IdentityOp)),
             self_attn_bda=get_bias_dropout_add,
@@ -74,13 +93,12 @@ def grin_layer_spec(use_te: bool = False, expert_backend: str = "auto") -> Modul
             mlp_bda=get_bias_dropout_add,
         ))
 
-
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=SequenceParallelLayerNorm,
         self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
                                   submodules=SelfAttentionSubmodules(
                                       linear_qkv=ColumnParallelLinear,
-                                      core_attention=DotProductAttention,
+                                      core_attention=core_attention,
                                       linear_proj=RowParallelLinearWithBias,
                                       q_layernorm=IdentityOp, k_layernorm=IdentityOp)),
         self_attn_bda=get_bias_dropout_add,
@@ -94,9 +112,14 @@ def grin_layer_spec(use_te: bool = False, expert_backend: str = "auto") -> Modul
 
 def grin_block_spec(config, use_te: bool = False, expert_backend: str = "auto",
                     vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """Layer specs for this pipeline stage plus the final LayerNorm."""
+    """Layer specs for this pipeline stage plus the final LayerNorm; logs the core attention once.
 
-    layer = grin_layer_spec(use_te=use_te, expert_backend=expert_backend)
+    The attention choice is ``config.attention_backend`` (megatron's AttnBackend, from --attention-backend).
+    """
+    attention_backend = getattr(config.attention_backend, "name", config.attention_backend)
+    grin_attention.log_once(logging.INFO, describe_core_attention(
+        attention_backend, use_te, config.window_size, "cuda" if torch.cuda.is_available() else "cpu"))
+    layer = grin_layer_spec(use_te=use_te, expert_backend=expert_backend, attention_backend=attention_backend)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm

@@ -1,10 +1,12 @@
-"""Dropless token permute / unpermute (EP=1) with the routing weights fused into unpermute.
+"""Dropless token permute / unpermute (EP=1), optionally with the routing weights fused into unpermute.
 
 Why: megatron's unfused path permutes with ``index_select`` over a ``masked_select``-built index and
 unpermutes with a scaled copy plus ``scatter_add_`` into a zero buffer; scaling the expert output by
 its routing weight is another full pass. Here each token's K rows are written by one program
-(permute) and summed back by one program with the weights applied on the fly (unpermute), without
-atomics, so both directions are deterministic.
+(permute) and summed back by one program, with the weights applied on the fly when given (unpermute),
+without atomics, so both directions are deterministic. GrinTokenDispatcher hands the weights to the
+experts instead (``permute_probs``: GroupedMMExperts applies them inside its SwiGLU kernel, which needs
+no saved [N, H] expert output for the router gradient), and unpermutes without them.
 
 Layout: rows are expert-major and token-ascending within an expert (megatron's order), so
 ``tokens_per_expert`` splits the permuted tensor by expert. ``row_id_map_TK[t, k]`` is the permuted
@@ -17,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from megatron_grin.ops.routing import HAVE_TRITON, have_triton_kernels
+from megatron_grin.ops.backend import HAVE_TRITON, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -27,8 +29,18 @@ if HAVE_TRITON:
 # ------------------------------------------------------------------------------------------------
 # routing map (shared by both backends)
 # ------------------------------------------------------------------------------------------------
+def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Picks per expert [E] int64 on the picks' device, without a host sync (``torch.bincount`` reads the
+    maximum back to the host on CUDA to size its output)."""
+    flat = experts_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def routing_row_map(experts_TK: torch.Tensor, num_experts: int):
-    """(row_id_map [T, K] int64, source token of each permuted row [N], tokens_per_expert [E] int64)."""
+    """(row_id_map [T, K] int64, source token of each permuted row [N], tokens_per_expert [E] int64).
+
+    All on the picks' device without a host sync: N = T * K is known and the counts are a scatter-add.
+    """
     if experts_TK.dim() != 2:
         raise ValueError(f"experts must be [tokens, top_k], got shape {tuple(experts_TK.shape)}")
     top_k = experts_TK.shape[1]
@@ -36,7 +48,7 @@ def routing_row_map(experts_TK: torch.Tensor, num_experts: int):
     order_N = torch.argsort(flat_N, stable=True)  # expert-major; (t, k) ascending within an expert
     row_id_map = torch.empty_like(order_N)
     row_id_map[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-    tokens_per_expert = torch.bincount(flat_N, minlength=num_experts)
+    tokens_per_expert = expert_counts(flat_N, num_experts)
     return row_id_map.view_as(experts_TK), order_N // top_k, tokens_per_expert
 
 
@@ -49,13 +61,56 @@ def torch_permute(hidden_TH: torch.Tensor, experts_TK: torch.Tensor, num_experts
     return hidden_TH.index_select(0, source_N), row_id_map, tokens_per_expert
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _source_tokens(row_id_map_TK: torch.Tensor) -> torch.Tensor:
+    """The token of every permuted row [N] (the inverse of the row map, divided by K): cheap int64 work."""
+    flat = row_id_map_TK.reshape(-1)
+    order = torch.empty_like(flat).scatter_(0, flat, torch.arange(flat.numel(), device=flat.device))
+    return order // row_id_map_TK.shape[1]
+
+
+class _TorchUnpermute(torch.autograd.Function):
+    """Reference unpermute with a hand-written backward: each permuted row gets its one token's gradient
+    (a gather, no accumulation), the probs their fp32 dot products; the kernels compute the same.
+
+    Unweighted, it is one gather of the N rows and a sum over K, rounded once as in the kernel: about as cheap
+    as megatron's scatter-add unpermute on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, permuted_NH, row_id_map_TK, probs_TK):
+        ctx.save_for_backward(permuted_NH if probs_TK is not None else None, row_id_map_TK, probs_TK)
+        tokens, top_k = row_id_map_TK.shape
+        rows_TKH = permuted_NH.index_select(0, row_id_map_TK.reshape(-1)).view(tokens, top_k, -1)
+        if probs_TK is None and top_k <= 2:  # a + b rounds once in any dtype: the kernel's fp32 sum, exactly
+            return rows_TKH[:, 0] + rows_TKH[:, 1] if top_k == 2 else rows_TKH[:, 0].clone()
+        if probs_TK is None:
+            return rows_TKH.sum(1)  # torch accumulates low-precision sums in fp32 and rounds once
+        acc = _acc_dtype(permuted_NH.dtype)
+        return (rows_TKH.to(acc) * probs_TK.to(acc).unsqueeze(-1)).sum(1).to(permuted_NH.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        permuted_NH, row_id_map_TK, probs_TK = ctx.saved_tensors
+        grad_permuted = grad_TH.index_select(0, _source_tokens(row_id_map_TK))
+        if probs_TK is None:
+            return grad_permuted, None, None
+        acc = _acc_dtype(grad_TH.dtype)
+        flat = row_id_map_TK.reshape(-1)
+        probs_N = torch.empty(flat.numel(), dtype=acc, device=flat.device)
+        probs_N.scatter_(0, flat, probs_TK.reshape(-1).to(acc))
+        grad_probs_N = (grad_permuted.to(acc) * permuted_NH.to(acc)).sum(-1)  # row n: <g[token of n], row n>
+        grad_permuted = (grad_permuted.to(acc) * probs_N.unsqueeze(-1)).to(grad_TH.dtype)
+        return grad_permuted, None, grad_probs_N.gather(0, flat).view_as(probs_TK).to(probs_TK.dtype)
+
+
 def torch_unpermute(permuted_NH: torch.Tensor, row_id_map_TK: torch.Tensor,
                     probs_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[t] = sum_k probs[t, k] * permuted[row_id_map[t, k]] in the permuted dtype (fp32 accumulation)."""
-    rows_TKH = permuted_NH[row_id_map_TK]
-    if probs_TK is None:
-        return rows_TKH.float().sum(1).to(permuted_NH.dtype)
-    return (rows_TKH.float() * probs_TK.float().unsqueeze(-1)).sum(1).to(permuted_NH.dtype)
+    return _TorchUnpermute.apply(permuted_NH, row_id_map_TK, probs_TK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +250,8 @@ class _UnpermuteFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, permuted_NH, row_id_map_TK, probs_TK):
-        ctx.save_for_backward(permuted_NH, row_id_map_TK, probs_TK)
+        # the rows are needed only for the probs gradient: unweighted, the expert output is not kept alive
+        ctx.save_for_backward(permuted_NH if probs_TK is not None else None, row_id_map_TK, probs_TK)
         return triton_gather_rows(permuted_NH, row_id_map_TK, probs_TK)
 
     @staticmethod
@@ -207,27 +263,23 @@ class _UnpermuteFn(torch.autograd.Function):
         return grad_permuted, None, grad_probs
 
 
-def _use_triton(tensor: torch.Tensor, backend: str) -> bool:
-    if backend == "auto":
-        return tensor.is_cuda and HAVE_TRITON
-    if backend == "triton":
-        if not have_triton_kernels(tensor.device):
-            raise ValueError("the triton permute backend needs triton and a CUDA device (or TRITON_INTERPRET=1)")
-        return True
-    if backend == "torch":
-        return False
-    raise ValueError(f"permute backend {backend!r} is unknown; choose auto, triton or torch")
-
-
 def permute_tokens(hidden_TH: torch.Tensor, experts_TK: torch.Tensor, num_experts: int, backend: str = "auto"):
     """Dropless permute: (permuted [T*K, H], row_id_map [T, K], tokens_per_expert [E] int64, on device)."""
     if hidden_TH.dim() != 2 or experts_TK.dim() != 2 or hidden_TH.shape[0] != experts_TK.shape[0]:
         raise ValueError(f"hidden [T, H] and experts [T, K] disagree: {tuple(hidden_TH.shape)} vs "
                          f"{tuple(experts_TK.shape)}")
-    if not _use_triton(hidden_TH, backend):
+    if not use_triton(hidden_TH, backend, "permute"):
         return torch_permute(hidden_TH, experts_TK, num_experts)
     row_id_map, _, tokens_per_expert = routing_row_map(experts_TK, num_experts)
     return _PermuteFn.apply(hidden_TH, row_id_map), row_id_map, tokens_per_expert
+
+
+def permute_probs(probs_TK: torch.Tensor, row_id_map_TK: torch.Tensor) -> torch.Tensor:
+    """The routing weight of every permuted row, [N] (differentiable: the gradient is gathered back to [T, K])."""
+    if probs_TK.shape != row_id_map_TK.shape:
+        raise ValueError(f"probs must be [T, K] = {tuple(row_id_map_TK.shape)}, got {tuple(probs_TK.shape)}")
+    flat = probs_TK.reshape(-1)
+    return flat.new_empty(flat.shape).scatter(0, row_id_map_TK.reshape(-1), flat)  # a permutation: every row set
 
 
 def unpermute_tokens(permuted_NH: torch.Tensor, row_id_map_TK: torch.Tensor, probs_TK: Optional[torch.Tensor] = None,
@@ -238,6 +290,6 @@ def unpermute_tokens(permuted_NH: torch.Tensor, row_id_map_TK: torch.Tensor, pro
                          f"{tuple(row_id_map_TK.shape)}")
     if probs_TK is not None and probs_TK.shape != row_id_map_TK.shape:
         raise ValueError(f"probs must be [T, K] = {tuple(row_id_map_TK.shape)}, got {tuple(probs_TK.shape)}")
-    if not _use_triton(permuted_NH, backend):
+    if not use_triton(permuted_NH, backend, "permute"):
         return torch_unpermute(permuted_NH, row_id_map_TK, probs_TK)
     return _UnpermuteFn.apply(permuted_NH, row_id_map_TK, probs_TK)

@@ -15,7 +15,6 @@ Shapes: T tokens, E experts, K picks (top_k).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,14 +22,11 @@ import torch
 
 from megatron_grin.model import routing_rng
 from megatron_grin.model.sparsemixer import HEUN_HIGH_ADD, HEUN_LOW, VARIANTS, sparsemixer_v2_with_stats
+from megatron_grin.ops.backend import HAVE_TRITON, use_triton
 
-try:  # Triton is optional: CPU installs use the torch reference.
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only without triton
-    HAVE_TRITON = False
 
 _M32 = 0xFFFFFFFF
 
@@ -71,7 +67,7 @@ def _check_args(logits_TE: torch.Tensor, top_k: int) -> None:
 # torch reference (the CPU path)
 # ------------------------------------------------------------------------------------------------
 def torch_sparsemixer_routing(logits_TE: torch.Tensor, jitter_eps: float, top_k: int, training: bool,
-                              key: Optional[RoutingKey] = None, variant: str = "v2"):
+                              key: Optional[RoutingKey] = None, variant: str = "sparsemixer_v2"):
     """Reference: routing_rng uniforms + router.sparsemixer_v2_with_stats.
 
     Returns (weights [T, K] in the logits dtype, experts [T, K] int64, stats) where stats holds bool
@@ -196,7 +192,7 @@ def _signed32(value: int) -> int:
 
 
 def triton_sparsemixer_forward(logits_TE: torch.Tensor, jitter_eps: float, top_k: int, training: bool,
-                               key: Optional[RoutingKey], variant: str = "v2"):
+                               key: Optional[RoutingKey], variant: str = "sparsemixer_v2"):
     """Launch the forward kernel; returns (weights [T, K] fp32, experts [T, K] int64, not_argmax, full)."""
     _check_args(logits_TE, top_k)
     if logits_TE.dtype != torch.float32:
@@ -279,7 +275,7 @@ class _SparseMixerRouting(torch.autograd.Function):
 
 
 def triton_sparsemixer_routing(logits_TE: torch.Tensor, jitter_eps: float, top_k: int, training: bool,
-                               key: Optional[RoutingKey] = None, variant: str = "v2"):
+                               key: Optional[RoutingKey] = None, variant: str = "sparsemixer_v2"):
     """Fused-kernel routing with the same contract as :func:`torch_sparsemixer_routing`.
 
     Without a key in training, a fresh (seed, iteration) is drawn from torch's generator.
@@ -293,25 +289,14 @@ def triton_sparsemixer_routing(logits_TE: torch.Tensor, jitter_eps: float, top_k
     return weights, experts, stats
 
 
-def have_triton_kernels(device: torch.device) -> bool:
-    """Triton can run here: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1, for tests)."""
-
-    return HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def sparsemixer_routing(logits_TE: torch.Tensor, jitter_eps: float, top_k: int, training: bool,
-                        key: Optional[RoutingKey] = None, variant: str = "v2", backend: str = "auto"):
+                        key: Optional[RoutingKey] = None, variant: str = "sparsemixer_v2", backend: str = "auto"):
     """SparseMixer-v2 routing for any top_k; 'auto' takes the fused kernel on CUDA with fp32 logits.
 
     Returns (weights [T, K], experts [T, K] int64, stats) exactly like the torch reference.
     """
-    if backend == "auto":
-        use_triton = logits_TE.is_cuda and HAVE_TRITON and logits_TE.dtype == torch.float32
-        backend = "triton" if use_triton else "torch"
-    if backend == "triton":
-        if not have_triton_kernels(logits_TE.device):
-            raise ValueError("the triton routing backend needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+    if backend == "auto" and logits_TE.dtype != torch.float32:
+        backend = "torch"  # the kernel takes fp32 logits (moe_router_dtype='fp32')
+    if use_triton(logits_TE, backend, "routing"):
         return triton_sparsemixer_routing(logits_TE, jitter_eps, top_k, training, key, variant)
-    if backend == "torch":
-        return torch_sparsemixer_routing(logits_TE, jitter_eps, top_k, training, key, variant)
-    raise ValueError(f"routing backend {backend!r} is unknown; choose auto, triton or torch")
+    return torch_sparsemixer_routing(logits_TE, jitter_eps, top_k, training, key, variant)

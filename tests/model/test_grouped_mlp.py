@@ -21,10 +21,11 @@ def _build(backend, tconfig, seed=0):
     return build_module(spec, E, tconfig, pg_collection=get_default_pg_collection())
 
 
-def _tconfig(**overrides):
+def _tconfig(tconfig_overrides=None, **overrides):
     from megatron_grin.model.build import transformer_config
 
-    return transformer_config(tiny_config(num_experts=E, ffn_hidden_size=FFN, hidden_size=HIDDEN, **overrides))
+    return transformer_config(tiny_config(num_experts=E, ffn_hidden_size=FFN, hidden_size=HIDDEN, **overrides),
+                              **(tconfig_overrides or {}))
 
 
 def _fwd_bwd(module, x, counts, probs, grad):
@@ -60,8 +61,6 @@ def _dist_roundtrip(src, dst, directory):
 
 
 def _single_rank(rank, world, port, tmp):
-    import megatron_grin.ops.grouped_mlp as G
-
     init_parallel(rank, world, port)
     tconfig = _tconfig()
     seq, grp = _build("sequential", tconfig), _build("grouped_mm", tconfig)
@@ -69,23 +68,21 @@ def _single_rank(rank, world, port, tmp):
     sd_seq, sd_grp = seq.state_dict(), grp.state_dict()
     res["same_keys_in_order"] = list(sd_seq) == list(sd_grp)
     res["same_init"] = all(torch.equal(sd_seq[k], sd_grp[k]) for k in sd_seq if sd_seq[k] is not None)
-    # forward/backward, with zero-token experts (1 and 4), through grouped_mm and through the loop fallback
+    # forward/backward, with zero-token experts (1 and 4), through torch's grouped_mm and through the loop
     counts = torch.tensor([3, 0, 7, 5, 0])
     g = torch.Generator().manual_seed(0)
     x, probs, grad = torch.randn(15, HIDDEN, generator=g), torch.rand(15, generator=g), torch.randn(15, HIDDEN, generator=g)
     ref = _fwd_bwd(seq, x, counts, probs, grad)
     ref_w = _fc_grads(seq)
-    for use in (True, False):
+    for gemm in ("grouped_mm", "loop"):
         grp.zero_grad(set_to_none=True)
-        G.grouped_mm_supported, orig = (lambda _x: use), G.grouped_mm_supported
-        try:
-            got = _fwd_bwd(grp, x, counts, probs, grad)
-        finally:
-            G.grouped_mm_supported = orig
+        grp.gemm = gemm
+        got = _fwd_bwd(grp, x, counts, probs, grad)
         w = _fc_grads(grp)
-        res[f"err_grouped_mm={use}"] = max(max(_max_err(a, b) for a, b in zip(got, ref)),
-                                           max(_max_err(a, b) for a, b in zip(w, ref_w)))
-        res[f"idle_expert_grads_zero_{use}"] = bool((w[0][[1, 4]] == 0).all() and (w[1][[1, 4]] == 0).all())
+        res[f"err_{gemm}"] = max(max(_max_err(a, b) for a, b in zip(got, ref)),
+                                 max(_max_err(a, b) for a, b in zip(w, ref_w)))
+        res[f"idle_expert_grads_zero_{gemm}"] = bool((w[0][[1, 4]] == 0).all() and (w[1][[1, 4]] == 0).all())
+    grp.gemm = None
     # no tokens at all: an output of shape [0, H] and (zero) weight grads
     grp.zero_grad(set_to_none=True)
     out, _, _ = _fwd_bwd(grp, torch.zeros(0, HIDDEN), torch.zeros(E, dtype=torch.long), torch.zeros(0),
@@ -116,35 +113,24 @@ def _single_rank(rank, world, port, tmp):
     res["bf16_rel_err"] = max(_max_err(a, b) / max(b.float().abs().max().item(), 1e-6) for a, b in zip(out_g, out_s))
     res["bf16_dtype"] = out_g[0].dtype == torch.bfloat16
     res["layers"] = {backend: _grin_layer(backend) for backend in ("sequential", "grouped_mm")}
-    res["jitter"] = {dtype: _jitter_draws(dtype) for dtype in (torch.float32, torch.bfloat16)}
     return res
 
 
-def _jitter_draws(dtype, eps=0.1):
-    """GRIN's input jitter x * U(1-eps, 1+eps) on ones: two draws with one key, one with the next key."""
-    from megatron.core.transformer.spec_utils import build_module
+def _grin_layer(backend, tconfig_overrides=None):
+    """A full GRIN MoE layer (router + dispatcher + experts), train and eval, on fixed inputs.
 
-    from megatron_grin.model import routing_rng
-    from megatron_grin.model.spec import grin_moe_spec
-
-    layer = build_module(grin_moe_spec("sequential"), config=_tconfig(input_jitter_eps=eps), layer_number=1)
-    layer.set_layer_number(1)
-    routing_rng.set_routing_iteration(3)
-    ones = torch.ones(256, 2, HIDDEN, dtype=dtype)
-    return (layer.router._jitter(ones, (3, 0)), layer.router._jitter(ones, (3, 0)),
-            layer.router._jitter(ones, (3, 1)))
-
-
-def _grin_layer(backend):
-    """A full GRIN MoE layer (router + dispatcher + experts), train and eval, on fixed inputs."""
+    Returns per mode (output, input grad, router weight grad, picks [T, K], fc1 weight grads)."""
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_grin.model import routing_rng
     from megatron_grin.model.spec import grin_moe_spec
 
     torch.manual_seed(0)
-    layer = build_module(grin_moe_spec(backend), config=_tconfig(), layer_number=1)
+    layer = build_module(grin_moe_spec(backend), config=_tconfig(tconfig_overrides), layer_number=1)
     layer.set_layer_number(1)
+    picks = []
+    route = layer.router.route_tokens
+    layer.router.route_tokens = lambda *a: picks.append(route(*a)) or picks[-1]
     g = torch.Generator().manual_seed(1)
     x, grad = torch.randn(12, 2, HIDDEN, generator=g), torch.randn(12, 2, HIDDEN, generator=g)
     out = {}
@@ -154,9 +140,70 @@ def _grin_layer(backend):
         xi = x.clone().requires_grad_()
         y, _ = layer(xi)
         y.backward(grad)
-        out[training] = (y.detach(), xi.grad, layer.router.weight.grad.clone())
+        out[training] = (y.detach(), xi.grad, layer.router.weight.grad.clone(), picks[-1][2],
+                         _fc_grads(layer.experts)[0].clone())
         layer.zero_grad(set_to_none=True)
     return out
+
+
+FUSED = {"grin_router_backend": "triton", "grin_permute_backend": "triton", "grin_expert_fusion": "triton"}
+UNFUSED = {"grin_router_backend": "torch", "grin_permute_backend": "torch", "grin_expert_fusion": "torch"}
+
+
+def _fused_experts_and_layer():
+    """Under the Triton interpreter: the fused expert MLP (Triton grouped GEMMs + SwiGLU kernel, the wgrad into
+    main_grad) against SequentialMLP, and a whole GRIN layer with every fused path against the unfused one."""
+    from grin_testing import free_port
+
+    init_parallel(0, 1, free_port())
+    res = {}
+    counts = torch.tensor([3, 0, 7, 5, 0])
+    g = torch.Generator().manual_seed(0)
+    x, probs, grad = torch.randn(15, HIDDEN, generator=g), torch.rand(15, generator=g), torch.randn(15, HIDDEN, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        tconfig = _tconfig(FUSED, bf16=dtype == torch.bfloat16)
+        seq, grp = _build("sequential", tconfig), _build("grouped_mm", tconfig)
+        res[f"kernels_{dtype}"] = grp.kernels(x.to(dtype))
+        ref = _fwd_bwd(seq, x.to(dtype), counts, probs, grad.to(dtype)) + _fc_grads(seq)
+        got = _fwd_bwd(grp, x.to(dtype), counts, probs, grad.to(dtype)) + _fc_grads(grp)
+        res[f"rel_err_{dtype}"] = max(_max_err(a, b) / max(b.float().abs().max().item(), 1e-6) for a, b in zip(got, ref))
+        res[f"dtype_{dtype}"] = got[0].dtype == dtype and got[2].dtype == torch.float32
+        # megatron DDP's main_grad (fp32) and flag: the wgrad adds into main_grad, .grad is a dummy
+        for p in grp.parameters():
+            p.grad, p.main_grad, p.grad_added_to_main_grad = None, torch.full(p.shape, 0.5), False
+        for _ in range(2):
+            _fwd_bwd(grp, x.to(dtype), counts, probs, grad.to(dtype))
+        fused = (grp.fc1_weight.main_grad, grp.fc2_weight.main_grad)
+        res[f"main_grad_err_{dtype}"] = max(_max_err(m - 0.5, 2 * r.float()) / r.float().abs().max().item()
+                                            for m, r in zip(fused, ref[3:]))
+        res[f"main_grad_flags_{dtype}"] = all(p.grad_added_to_main_grad for p in grp.parameters())
+    res["layer"] = {name: _grin_layer("grouped_mm", over) for name, over in (("fused", FUSED), ("unfused", UNFUSED))}
+    return res
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    from grin_interpreter import in_interpreter
+
+    return in_interpreter(_fused_experts_and_layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_expert_mlp_matches_sequential_and_fuses_the_wgrad(interpreted, dtype):
+    r = interpreted
+    assert r[f"kernels_{dtype}"] == ("triton", "triton") and r[f"dtype_{dtype}"]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert r[f"rel_err_{dtype}"] < tol and r[f"main_grad_err_{dtype}"] < tol, r
+    assert r[f"main_grad_flags_{dtype}"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_grin_layer_fused_paths_match_unfused(interpreted, training):
+    """Router (routing + jitter kernels), dispatcher (permute kernels) and experts all fused: same picks."""
+    fused, unfused = interpreted["layer"]["fused"][training], interpreted["layer"]["unfused"][training]
+    assert torch.equal(fused[3], unfused[3])
+    for a, b in zip(fused[:3] + fused[4:], unfused[:3] + unfused[4:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def _tp_shards(rank, world, port, tmp):
@@ -195,23 +242,13 @@ def single_rank(tmp_path_factory):
 def test_same_init_and_maths_as_sequential(single_rank):
     res = single_rank
     assert res["same_keys_in_order"] and res["same_init"]
-    assert res["err_grouped_mm=True"] < 1e-5 and res["err_grouped_mm=False"] < 1e-5, res
+    assert res["err_grouped_mm"] < 1e-5 and res["err_loop"] < 1e-5, res
     assert res["bf16_dtype"] and res["bf16_rel_err"] < 3e-2, res["bf16_rel_err"]
 
 
 def test_zero_token_experts(single_rank):
-    assert single_rank["idle_expert_grads_zero_True"] and single_rank["idle_expert_grads_zero_False"]
+    assert single_rank["idle_expert_grads_zero_grouped_mm"] and single_rank["idle_expert_grads_zero_loop"]
     assert single_rank["empty"] == ((0, HIDDEN), True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_input_jitter_is_uniform_and_replayable(single_rank, dtype, eps=0.1):
-    first, again, other = single_rank["jitter"][dtype]
-    assert first.dtype == dtype and torch.equal(first, again) and not torch.equal(first, other)
-    noise = first.double()
-    assert noise.min() >= 1 - eps - 1e-2 and noise.max() <= 1 + eps + 1e-2  # bf16 rounds near the ends
-    assert abs(noise.mean().item() - 1) < 2e-3
-    assert abs(noise.std().item() - eps / 3**0.5) < 3e-3  # the std of U(1-eps, 1+eps)
 
 
 def test_checkpoints_move_between_backends(single_rank):
@@ -224,6 +261,7 @@ def test_checkpoints_move_between_backends(single_rank):
 def test_grin_layer_same_with_either_backend(single_rank):
     seq, grp = single_rank["layers"]["sequential"], single_rank["layers"]["grouped_mm"]
     for training in (True, False):
+        assert torch.equal(seq[training][3], grp[training][3])  # the same picks
         for a, b in zip(seq[training], grp[training]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -290,7 +328,7 @@ def test_cpu_expert_loop_matches_float64_reference(counts, dtype, with_probs):
         probs = probs if with_probs else None
         if fn is grouped_swiglu_mlp:
             probs = probs.detach().float().requires_grad_() if with_probs else None  # router precision
-            out = fn(x, fc1, fc2, torch.tensor(counts), probs, use_grouped_mm=False)
+            out = fn(x, fc1, fc2, torch.tensor(counts), probs, gemm="loop")
         else:
             out = fn(x, fc1, fc2, counts, probs)
         out.backward(grad.to(run_dtype))
@@ -311,7 +349,7 @@ def test_cpu_expert_loop_refuses_a_second_backward():
 
     x = torch.randn(4, 8, requires_grad=True)
     fc1, fc2 = torch.randn(2, 12, 8, requires_grad=True), torch.randn(2, 8, 6, requires_grad=True)
-    out = grouped_swiglu_mlp(x, fc1, fc2, torch.tensor([1, 3]), torch.rand(4), use_grouped_mm=False)
+    out = grouped_swiglu_mlp(x, fc1, fc2, torch.tensor([1, 3]), torch.rand(4), gemm="loop")
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.sum().backward()

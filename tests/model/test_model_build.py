@@ -3,8 +3,8 @@
 import torch
 
 from grin_testing import init_parallel, run_distributed, tiny_config
+from megatron_grin.accounting import parameter_counts
 from megatron_grin.config import preset
-from megatron_grin.model.build import parameter_counts
 
 
 def _meta_counts(rank, world, port):

@@ -8,6 +8,7 @@ from grin_testing import full_state_from_hf, hf_reference, init_parallel, run_di
 
 def _parity(rank, world, port, cfg_kwargs, seq):
     from megatron_grin.convert.hf_keys import normalize_hf_keys, to_hf
+    from megatron_grin.model.attention import GrinCoreAttention  # the local spec's default core attention
     from megatron_grin.model.build import build_model
     from grin_sharding import gather_full, load_full_state
 
@@ -15,6 +16,7 @@ def _parity(rank, world, port, cfg_kwargs, seq):
     cfg = tiny_config(**cfg_kwargs)
     hf = hf_reference(cfg, seed=1).eval()
     ours = build_model(cfg).eval()
+    assert all(isinstance(layer.self_attention.core_attention, GrinCoreAttention) for layer in ours.decoder.layers)
     load_full_state(ours, full_state_from_hf(hf, cfg))
     tokens = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(seq).unsqueeze(0).expand(2, seq)
@@ -32,7 +34,8 @@ def _parity(rank, world, port, cfg_kwargs, seq):
     return diff, grad_err, sorted(grads_ours) == sorted(grads_hf)
 
 
-@pytest.mark.parametrize("cfg_kwargs,seq", [({}, 16), ({"sliding_window": 5}, 12), ({"num_experts": 7, "ffn_hidden_size": 24}, 10)])
+@pytest.mark.parametrize("cfg_kwargs,seq", [({}, 16), ({"sliding_window": 5}, 12), ({"sliding_window": 20}, 12),
+                                             ({"num_experts": 7, "ffn_hidden_size": 24}, 10)])
 def test_logits_and_grads_match_hf(cfg_kwargs, seq):
     diff, grad_err, same_keys = run_distributed(_parity, 1, cfg_kwargs, seq)[0]
     assert same_keys

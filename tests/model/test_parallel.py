@@ -32,8 +32,10 @@ def _train_step(rank, world, port, tp, pp, training, cfg_overrides=None, micro=M
     from grin_sharding import gather_full, load_full_state
 
     init_parallel(rank, world, port, tp=tp, pp=pp)
+    # One embedding size for every layout (Megatron-LM's padding grows with TP; a checkpoint keeps its own rows):
+    # the padded rows' logits take part in the softmax, so the layouts must share them to compute the same model.
     cfg = tiny_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, moe_aux_loss_coeff=0.05,
-                      **(cfg_overrides or {}))
+                      padded_vocab=256, **(cfg_overrides or {}))
     model = build_model(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     load_full_state(model, full_state_from_hf(hf_reference(cfg, seed=3), cfg))
     tconfig = model.config

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from grin_testing import philox_python
 from megatron_grin import sparsemixer_v2
 from megatron_grin.model.sparsemixer import sparsemixer_v2_with_stats
 from megatron_grin.model.routing_rng import bits_to_uniform, philox4x32, routing_uniforms
@@ -125,11 +126,11 @@ def _reference(z, eps, top_k, u, training, temperature=1.0, p_full=0.25):
 
 @pytest.mark.parametrize("top_k", [1, 2, 3, 4])
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("variant", ["v2", "v2_star"])
+@pytest.mark.parametrize("variant", ["sparsemixer_v2", "sparsemixer_v2_star"])
 def test_any_top_k_matches_float64_reference(top_k, training, variant):
     z = _logits(t=48, e=8, seed=top_k, scale=0.5, dtype=torch.float64)
     u = routing_uniforms(torch.arange(48), 9, top_k, seed=5, iteration=0, layer_number=2, microbatch=1).double()
-    temperature, p_full, scale = (1.0, 0.25, 1.0) if variant == "v2" else (2.0, 5 / 8, 2.0)
+    temperature, p_full, scale = (1.0, 0.25, 1.0) if variant == "sparsemixer_v2" else (2.0, 5 / 8, 2.0)
     zg = z.clone().requires_grad_()
     w, idx = sparsemixer_v2(zg, 0.01, top_k, training, uniforms=u if training else None, variant=variant)
     w_ref, idx_ref, basis = _reference(z, 0.01, top_k, u, training, temperature, p_full)
@@ -191,16 +192,6 @@ def test_philox_known_answers():
         assert tuple(int(o) for o in out) == expected
 
 
-def _philox_python(ctr, key, rounds=10):
-    """Philox4x32-10 on Python integers (the Random123 definition): an independent reference."""
-    (c0, c1, c2, c3), (k0, k1), mask = ctr, key, 0xFFFFFFFF
-    for _ in range(rounds):
-        pa, pb = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = ((pb >> 32) ^ c1 ^ k0) & mask, pb & mask, ((pa >> 32) ^ c3 ^ k1) & mask, pa & mask
-        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
-    return c0, c1, c2, c3
-
-
 def test_philox_vectorised_matches_python_reference():
     # thousands of counters at once: the vectorised int64 kernels (wrapping multiplies) must agree too
     g = torch.Generator().manual_seed(5)
@@ -209,9 +200,22 @@ def test_philox_vectorised_matches_python_reference():
     key = (0xFEDCBA98, 0x89ABCDEF)
     out = torch.stack(philox4x32(*ctr, *key))
     for n in list(range(0, 4099, 97)) + [0, 1, 2, 3, 4098]:
-        assert tuple(int(v) for v in out[:, n]) == _philox_python(tuple(int(c) for c in ctr[:, n]), key)
+        assert tuple(int(v) for v in out[:, n]) == philox_python(tuple(int(c) for c in ctr[:, n]), key)
 
 
 def test_rejects_bad_top_k():
     with pytest.raises(ValueError, match="top_k"):
         sparsemixer_v2(torch.zeros(3, 4), 0.01, 5, training=False)
+
+
+def test_dense_routing_is_megatrons_contract():
+    """The [T, K] picks the GRIN dispatcher consumes, densified for megatron's callers: probs [T, E] zero off
+    the picks, a bool routing map with exactly top_k True per row."""
+    from megatron_grin.model.router import dense_routing
+
+    z = _logits(t=40, e=8, seed=3)
+    weights, experts = sparsemixer_v2(z.clone().requires_grad_(), 0.01, 3, training=False)
+    probs, routing_map = dense_routing(weights, experts, 8)
+    assert routing_map.dtype == torch.bool and (routing_map.sum(1) == 3).all()
+    assert torch.equal(probs.gather(1, experts), weights) and (probs[~routing_map] == 0).all()
+    probs.sum().backward()  # differentiable through the weights

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from megatron_grin.ops import permute as permute_ops  # noqa: E402
-from test_routing import in_interpreter  # noqa: E402
+from grin_interpreter import in_interpreter  # noqa: E402
 
 CASES = [  # (tokens, hidden, experts, top_k, dtype, with_probs)
     (1, 8, 3, 1, torch.float32, True),
@@ -103,3 +103,32 @@ def test_rejects_bad_shapes():
         permute_ops.permute_tokens(x, picks, 4, backend="nope")
     with pytest.raises(ValueError, match="rows"):
         permute_ops.triton_scatter_rows(x, picks, 9)
+
+
+def test_permuted_probs_and_counts_match_megatron():
+    """The probs of each permuted row and the per-expert counts, as megatron's permute(probs=...) gives them."""
+    from megatron.core.transformer.moe.moe_utils import permute
+
+    tokens, hidden, experts, top_k = 23, 8, 6, 2
+    picks = _routing(tokens, experts, top_k, seed=5)
+    probs = torch.rand(tokens, top_k, requires_grad=True)
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool).scatter(1, picks, True)
+    dense_probs = torch.zeros(tokens, experts).scatter(1, picks, probs.detach())
+    _, theirs, _ = permute(torch.randn(tokens, hidden), routing_map, probs=dense_probs, num_out_tokens=tokens * top_k)
+    _, row_map, counts = permute_ops.torch_permute(torch.randn(tokens, hidden), picks, experts)
+    ours = permute_ops.permute_probs(probs, row_map)
+    assert torch.equal(ours.detach(), theirs)
+    assert torch.equal(permute_ops.expert_counts(picks, experts), routing_map.sum(0)) and torch.equal(counts, routing_map.sum(0))
+    g = torch.randn(tokens * top_k)
+    ours.backward(g)
+    assert torch.equal(probs.grad, g[row_map])  # each pick's gradient comes back from its row
+
+
+@pytest.mark.parametrize("with_probs", [True, False])
+def test_reference_unpermute_backward_is_the_float64_gradient(with_probs):
+    picks = _routing(7, 5, 2, seed=1)
+    permuted, row_map, _ = permute_ops.torch_permute(torch.randn(7, 3, dtype=torch.float64), picks, 5)
+    probs = torch.rand(7, 2, dtype=torch.float64, requires_grad=True) if with_probs else None
+    rows = permuted.detach().requires_grad_()
+    inputs = (rows, probs) if with_probs else (rows,)
+    assert torch.autograd.gradcheck(lambda r, p=None: permute_ops.torch_unpermute(r, row_map, p), inputs)

@@ -12,35 +12,10 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from grin_testing import run_distributed  # noqa: E402
+from grin_interpreter import in_interpreter  # noqa: E402
 from megatron_grin.model import routing_rng  # noqa: E402
 from megatron_grin.ops import permute as permute_ops  # noqa: E402
 from megatron_grin.ops import routing as routing_ops  # noqa: E402
-
-
-def in_interpreter(fn, *args):
-    """Run fn(*args) in a fresh process whose triton runs kernels with the CPU interpreter.
-
-    TRITON_INTERPRET must be set before triton is first imported, and megatron imports triton: in this
-    pytest process it is already imported in compiled mode, so the kernels run in a spawned worker.
-    """
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the spawned worker only
-    try:
-        return run_distributed(_call, 1, fn, args)[0]
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-def _call(rank, world, port, fn, args):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(routing_ops._sparsemixer_fwd_kernel, InterpretedFunction):
-        raise RuntimeError("the worker's triton is not in interpreter mode")
-    return fn(*args)
 
 
 def _logits(t, e, seed, scale=2.0):
@@ -60,16 +35,16 @@ def _key(t, seed):
 
 
 CASES = [  # (tokens, experts, top_k, variant, training)
-    (1, 4, 1, "v2", True),
-    (37, 16, 2, "v2", True),
-    (37, 16, 2, "v2_star", True),
-    (130, 16, 2, "v2", True),  # ragged tail over several programs
-    (45, 7, 3, "v2", True),  # E + 1 = 8 lanes: exactly one tile
-    (20, 5, 4, "v2_star", True),
-    (24, 3, 3, "v2", True),  # top_k = E
-    (64, 16, 4, "v2", False),
-    (33, 3, 3, "v2_star", False),
-    (50, 8, 1, "v2", False),
+    (1, 4, 1, "sparsemixer_v2", True),
+    (37, 16, 2, "sparsemixer_v2", True),
+    (37, 16, 2, "sparsemixer_v2_star", True),
+    (130, 16, 2, "sparsemixer_v2", True),  # ragged tail over several programs
+    (45, 7, 3, "sparsemixer_v2", True),  # E + 1 = 8 lanes: exactly one tile
+    (20, 5, 4, "sparsemixer_v2_star", True),
+    (24, 3, 3, "sparsemixer_v2", True),  # top_k = E
+    (64, 16, 4, "sparsemixer_v2", False),
+    (33, 3, 3, "sparsemixer_v2_star", False),
+    (50, 8, 1, "sparsemixer_v2", False),
 ]
 
 
