@@ -7,9 +7,13 @@ excluded. Before the forward nothing is held, so the bytes held when the forward
 forward's activation memory; the peak during backward adds what recomputation rebuilds.
 
 Each config is a real megatron-core GRIN model (world size 1, ``compat.apply()``, fp32, local
-layers: unfused attention, SequentialMLP experts, megatron's allgather dispatcher) run forward in
-training mode and backward, with no, selective and full recomputation. The estimate is
-``plan_memory.microbatch_activation_bytes(..., impl=Implementation(attention="unfused"), dtype_bytes=4)``.
+layers, SequentialMLP experts, megatron's allgather dispatcher) run forward in training mode and backward,
+with no, selective and full recomputation, under both attention implementations: megatron's unfused
+DotProductAttention (``--attention-backend unfused``) and GrinCoreAttention's fused kernels (``auto``:
+SDPA for full causal, the blockwise kernel for a sliding window on CPU). The estimate is
+``plan_memory.microbatch_activation_bytes(..., impl=Implementation(attention=...), dtype_bytes=4)``.
+Saved tensors only; ``benchmarks/step_memory.py`` measures everything a step allocates (transients,
+optimizer, the GPU expert paths).
 
     python benchmarks/activation_memory.py           # all configs -> benchmarks/results/activation_memory.json
     python benchmarks/activation_memory.py --quick   # the tiny configs tests/plan/test_plan.py asserts on
@@ -50,12 +54,28 @@ FULL = [
 ]
 
 
-def bench_config(overrides: dict, seq: int) -> GrinConfig:
+#: attention implementation -> (--attention-backend, the planner's name for a config without / with a window)
+ATTENTION = {"unfused": ("unfused", "unfused", "unfused"), "fused": ("auto", "flash", "blockwise")}
+
+
+def implementation(cfg: GrinConfig, attention: str) -> plan_layout.Implementation:
+    name = ATTENTION[attention][2 if cfg.sliding_window is not None else 1]
+    return plan_layout.Implementation(attention=name, expert_backend="sequential", fused_swiglu=False)
+
+
+def reset_attention_env() -> None:
+    """megatron's GPTModel pins NVTE_*_ATTN for the first attention backend a process builds; forget it."""
+    for var in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        os.environ.pop(var, None)
+
+
+def bench_config(overrides: dict, seq: int, attention: str = "unfused") -> GrinConfig:
     h = overrides["hidden_size"]
     heads = h // 64 if h >= 256 else 4
     base = dict(ffn_hidden_size=3 * h // 2, num_attention_heads=heads, num_query_groups=max(heads // 4, 2),
                 num_experts=8, moe_router_topk=2, vocab_size=1000, max_position_embeddings=seq,
-                sliding_window=None, input_jitter_eps=0.01, expert_backend="sequential", bf16=False)
+                sliding_window=None, input_jitter_eps=0.01, expert_backend="sequential", bf16=False,
+                attention_backend=ATTENTION[attention][0])
     return preset("tiny", **{**base, **overrides})
 
 
@@ -136,22 +156,23 @@ def measure(cfg: GrinConfig, seq: int, micro_batch: int, seed: int = 0) -> dict:
             "seconds": seconds}
 
 
-def estimate(cfg: GrinConfig, seq: int, micro_batch: int, mode: str) -> dict:
-    impl = plan_layout.Implementation(attention="unfused", fused_swiglu=False)
+def estimate(cfg: GrinConfig, seq: int, micro_batch: int, mode: str, attention: str = "unfused") -> dict:
+    impl = implementation(cfg, attention)
     est = plan_memory.microbatch_activation_bytes(cfg, seq, micro_batch, tp=1, dtype_bytes=4, recompute=mode,
                                            impl=impl)
     return {"forward_bytes": est["forward"], "backward_peak_bytes": est["backward_peak"]}
 
 
-def run(configs, modes=RECOMPUTE) -> list[dict]:
-    """Measure and estimate every (config, recompute mode); needs megatron parallel state."""
+def run(configs, modes=RECOMPUTE, attentions=tuple(ATTENTION)) -> list[dict]:
+    """Measure and estimate every (config, recompute mode, attention); needs megatron parallel state."""
     rows = []
     for name, overrides, seq, mb in configs:
-        for mode in modes:
-            cfg = with_recompute(bench_config(overrides, seq), mode)
-            got, want = measure(cfg, seq, mb), estimate(cfg, seq, mb, mode)
+        for mode, attention in [(m, a) for a in attentions for m in modes]:
+            reset_attention_env()
+            cfg = with_recompute(bench_config(overrides, seq, attention), mode)
+            got, want = measure(cfg, seq, mb), estimate(cfg, seq, mb, mode, attention)
             rows.append({
-                "config": name, "recompute": mode, "seq": seq, "micro_batch": mb,
+                "config": name, "recompute": mode, "attention": attention, "seq": seq, "micro_batch": mb,
                 "model": {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size",
                                                         "num_attention_heads", "num_query_groups", "num_experts",
                                                         "moe_router_topk", "sliding_window", "vocab_size")},
@@ -185,6 +206,7 @@ def _schedule_run(scenario) -> dict:
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
     model_parallel_cuda_manual_seed(0)
+    reset_attention_env()
     cfg = with_recompute(bench_config(overrides, seq), mode).replace(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
@@ -212,7 +234,7 @@ def _schedule_run(scenario) -> dict:
     lay = plan_layout.Layout(gpus=tp * pp, tp=tp, pp=pp, vpp=vpp, micro_batch_size=mb, global_batch_size=mb * num_micro,
                       seq_length=seq, recompute=mode, bf16=False)
     est = plan_memory.rank_activation_bytes(cfg, lay, ps.get_pipeline_model_parallel_rank(),
-                                     plan_layout.Implementation(attention="unfused"))
+                                     implementation(cfg, "unfused"))
     return {"config": name, "recompute": mode, "tp": tp, "pp": pp, "vpp": vpp, "num_microbatches": num_micro,
             "seq": seq, "micro_batch": mb, "rank": torch.distributed.get_rank(),
             "pp_rank": ps.get_pipeline_model_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
@@ -297,11 +319,12 @@ def init_single_process(port: int = 29731) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'config':<24} {'recompute':<10} {'measured MiB':>13} {'estimated MiB':>14} {'error':>7}   "
-             f"{'bwd peak MiB':>12} {'estimated':>10} {'error':>7}"]
+    lines = [f"{'config':<24} {'recompute':<10} {'attention':<9} {'measured MiB':>13} {'estimated MiB':>14} "
+             f"{'error':>7}   {'bwd peak MiB':>12} {'estimated':>10} {'error':>7}"]
     for r in rows:
         m, e = r["measured"], r["estimated"]
-        lines.append(f"{r['config']:<24} {r['recompute']:<10} {m['forward_bytes'] / 2**20:>13.2f} "
+        lines.append(f"{r['config']:<24} {r['recompute']:<10} {r.get('attention', 'unfused'):<9} "
+                     f"{m['forward_bytes'] / 2**20:>13.2f} "
                      f"{e['forward_bytes'] / 2**20:>14.2f} {100 * r['forward_error']:>6.1f}%   "
                      f"{m['backward_peak_bytes'] / 2**20:>12.2f} {e['backward_peak_bytes'] / 2**20:>10.2f} "
                      f"{100 * r['backward_peak_error']:>6.1f}%")

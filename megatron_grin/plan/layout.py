@@ -82,34 +82,70 @@ class Layout:
                 f"{'bf16' if self.bf16 else 'fp32'}")
 
     def flags(self) -> str:
-        parts = [f"--tp {self.tp}", f"--pp {self.pp}"]
+        """The layout as Megatron-LM flags that paste into `megatron-grin pretrain` (and Megatron-LM)."""
+        parts = [f"--tensor-model-parallel-size {self.tp}", f"--pipeline-model-parallel-size {self.pp}"]
+        if self.tp > 1:
+            parts.append("--sequence-parallel")
         if self.vpp > 1:
-            parts.append(f"--vpp {self.vpp}")
-        parts += [f"--micro-batch-size {self.micro_batch_size}", f"--recompute {self.recompute}"]
-        if self.recompute == "full" and (self.recompute_method, self.recompute_num_layers) != ("uniform", 1):
+            parts.append(f"--num-virtual-stages-per-pipeline-rank {self.vpp}")
+        parts.append(f"--micro-batch-size {self.micro_batch_size}")
+        if self.recompute != "none":
+            parts.append(f"--recompute-granularity {self.recompute}")
+        if self.recompute == "full":
             parts += [f"--recompute-method {self.recompute_method}",
                       f"--recompute-num-layers {self.recompute_num_layers}"]
-        parts.append("--distributed-optimizer" if self.distributed_optimizer else "--no-distributed-optimizer")
+        parts.append("--use-distributed-optimizer" if self.distributed_optimizer else "--no-use-distributed-optimizer")
         return " ".join(parts)
+
+
+ATTENTIONS = ("unfused", "flash", "blockwise")
+EXPERT_BACKENDS = ("grouped_mm", "sequential", "te_grouped")
+OPTIMIZERS = ("torch", "fused")
 
 
 @dataclass(frozen=True)
 class Implementation:
-    """How the model computes, which decides what autograd keeps for backward (docs/planning.md).
+    """How the model computes, which decides what it allocates (docs/planning.md).
 
-    Defaults describe megatron-grin on GPUs today: Transformer Engine fused/flash attention,
-    megatron's unfused SwiGLU (``transformer_config`` sets ``bias_activation_fusion=False``) and
-    megatron's default ``deallocate_pipeline_outputs=False``.
+    ``attention``: "unfused" is megatron's local DotProductAttention (materialises the [b, heads, s, s]
+    scores, softmax in fp32); "flash" a fused kernel whose memory is linear in s (TE, SDPA/flash,
+    FlexAttention); "blockwise" GrinCoreAttention's sliding-window fallback (the CPU path, and the GPU
+    path where FlexAttention cannot compile). ``expert_backend``: --grin-expert-backend ("auto" plans as
+    grouped_mm, the default without Transformer Engine). ``optimizer``: "torch" is the AdamW megatron
+    falls back to without TE or Apex (foreach temporaries), "fused" their FusedAdam. ``wgrad_fusion``:
+    expert weight gradients added straight into the fp32 main-grad buffer (no stacked bf16 weight gradient).
     """
 
-    attention: str = "flash"  # flash (TE, GPU) | unfused (megatron local DotProductAttention, CPU)
+    attention: str = "flash"
+    expert_backend: str = "grouped_mm"
+    optimizer: str = "torch"
     fused_swiglu: bool = False  # bias_activation_fusion: weighted_bias_swiglu keeps only the fc1 output
+    wgrad_fusion: bool = False
     deallocate_pipeline_outputs: bool = False  # free a stage's sent output until its backward
 
     @classmethod
-    def for_config(cls, cfg: GrinConfig, attention: str = "flash") -> "Implementation":
-        return cls(attention=attention, fused_swiglu=bool(cfg.extra.get("bias_activation_fusion", False)),
+    def for_config(cls, cfg: GrinConfig, attention: Optional[str] = None) -> "Implementation":
+        """The implementation a config trains with; ``attention`` defaults to its --attention-backend
+        (unfused/local -> "unfused", anything else -> "flash")."""
+        if attention is None:
+            attention = "unfused" if cfg.attention_backend in ("unfused", "local") else "flash"
+        backend = "grouped_mm" if cfg.expert_backend == "auto" else cfg.expert_backend
+        return cls(attention=attention, expert_backend=backend,
+                   fused_swiglu=bool(cfg.extra.get("bias_activation_fusion", False)),
                    deallocate_pipeline_outputs=bool(cfg.extra.get("deallocate_pipeline_outputs", False)))
+
+    def problems(self) -> list[str]:
+        out = []
+        for value, allowed, flag in ((self.attention, ATTENTIONS, "--attention"),
+                                     (self.expert_backend, EXPERT_BACKENDS, "--grin-expert-backend"),
+                                     (self.optimizer, OPTIMIZERS, "implementation optimizer")):
+            if value not in allowed:
+                out.append(f"{flag} {value!r}: use one of {allowed}")
+        return out
+
+    def describe(self) -> str:
+        return (f"{self.attention} attention, {self.expert_backend} experts, "
+                f"{'torch foreach' if self.optimizer == 'torch' else 'fused'} AdamW")
 
 
 @dataclass(frozen=True)
@@ -118,8 +154,11 @@ class Assumptions:
 
     gpu_memory_gib: float = 80.0  # capacity the total is compared with
     gpus_per_node: int = 8
-    peak_tflops: float = 989.4  # H100 SXM dense BF16
-    efficiency: Optional[float] = None  # share of peak while computing; None = calibrated (CALIBRATION)
+    device: Optional[str] = None  # GPU name for the datasheet and the measured speed (default: H100)
+    peak_tflops: Optional[float] = None  # dense BF16 peak; None = the device's datasheet
+    efficiency: Optional[float] = None  # what-if: all compute at this share of peak instead of measured times
+    gpu_residual: Optional[float] = None  # GPU-only bytes beyond the CPU-verified terms, as a share of the
+    #   dynamic bytes; None = fitted to the measured GPU runs (plan/calibration), 0 on CPU
     imbalance: float = 2.0  # busiest expert's load / mean expert load, for the dropless reserve
     cuda_context_gib: float = 1.0  # CUDA context, cuBLAS/cuDNN/TE workspaces
     nccl_gib: float = 1.5  # NCCL communicator buffers (DP, TP, PP, embedding groups)
@@ -131,9 +170,3 @@ class Assumptions:
     tp_overlap: float = 0.0  # share of TP collectives hidden behind compute
     dp_overlap: float = 0.0  # share of DP gradient reduce-scatter / param all-gather hidden
     pp_overlap: float = 0.0  # share of pipeline sends hidden
-
-
-#: The throughput anchor the efficiency is calibrated to (GRIN paper, Table 3; docs/planning.md).
-CALIBRATION = dict(model="grin-16x3.8b", tokens_per_s_per_gpu=7077.0,
-                   layout=Layout(gpus=64, tp=1, pp=8, vpp=4, micro_batch_size=1, global_batch_size=2048,
-                                 seq_length=4096, recompute="full", distributed_optimizer=True))
