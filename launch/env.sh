@@ -9,7 +9,7 @@ if [ ! -x "$_grin_venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$_grin_venv/bin/activate"
-_grin_hash="$(cat "$_grin_root/setup.py" | sha1sum | cut -c1-12)"
+_grin_hash="$(cat "$_grin_root/pyproject.toml" | sha1sum | cut -c1-12)"
 if [ ! -f "$_grin_stamp" ] || [ "$(cat "$_grin_stamp")" != "$_grin_hash" ]; then
   # Install torch first, pinned, so that nothing below can pull a CUDA build on a CPU machine.
   if ! python -c "import torch" 2>/dev/null; then
@@ -19,5 +19,6 @@ if [ ! -f "$_grin_stamp" ] || [ "$(cat "$_grin_stamp")" != "$_grin_hash" ]; then
   echo "$_grin_hash" > "$_grin_stamp"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning}"
+# megatron-core says once per module that Transformer Engine / Apex are missing; nothing else is silenced
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore:Transformer Engine and Apex are not installed:UserWarning}"
 unset _grin_root _grin_venv _grin_stamp _grin_hash

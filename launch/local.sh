@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The local main job: train a small GRIN MoE on this machine (CPU, or the GPU when there is one) in ~10 minutes.
 #
-#   bash launch/local.sh                        # corpus -> train (configs/local.yaml) -> HF export -> samples
+#   bash launch/local.sh                        # corpus -> train (--config local) -> HF export -> samples
 #   bash launch/local.sh --train-iters 100      # extra flags go to `megatron-grin pretrain` and win
 #   RUN_DIR=runs/local/mine bash launch/local.sh   # run again with the same RUN_DIR to resume it
 #
 # Steps: (1) set up .venv (launch/env.sh); (2) write the Python standard library's sources as a JSONL corpus and
 # tokenize it byte-level with `megatron-grin preprocess` (once, kept in runs/local/data); (3) `megatron-grin
-# pretrain` with configs/local.yaml, stopping with a checkpoint after LOCAL_MINUTES (default 8) if the machine is
+# pretrain --config local` (megatron_grin/configs/local.yaml), stopping with a checkpoint after LOCAL_MINUTES (default 8) if the machine is
 # slow; (4) export the checkpoint to Hugging Face (`megatron-grin convert to-hf`) and sample a few lines from it;
 # (5) print where the checkpoint, the loss curve and the summary are.
 set -euo pipefail
@@ -25,8 +25,8 @@ mkdir -p "$DATA_DIR" "$RUN_DIR"
 say() { printf '\n[local.sh] %s\n' "$*"; }
 
 # --- 1. corpus ---------------------------------------------------------------------------------------------
-if [[ ! -f "$DATA_DIR/stdlib.idx" ]]; then
-  say "building the corpus: the Python standard library's sources -> $DATA_DIR/stdlib.{bin,idx}"
+if [[ ! -f "$DATA_DIR/stdlib_text_document.idx" ]]; then
+  say "building the corpus: the Python standard library's sources -> $DATA_DIR/stdlib_text_document.{bin,idx}"
   python -c "import sys; from megatron_grin.training.preprocess import stdlib_corpus; stdlib_corpus(sys.argv[1])" "$DATA_DIR"
   megatron-grin preprocess --input "$DATA_DIR/stdlib.jsonl" --output-prefix "$DATA_DIR/stdlib" --tokenizer byte
 else
@@ -35,20 +35,18 @@ fi
 
 # --- 2. train ----------------------------------------------------------------------------------------------
 device=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
-say "training on $device with configs/local.yaml -> $RUN_DIR (OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+say "training on $device with --config local -> $RUN_DIR (OMP_NUM_THREADS=$OMP_NUM_THREADS)"
 start=$(date +%s)
-megatron-grin pretrain --config configs/local.yaml --data-path "$DATA_DIR/stdlib" \
+megatron-grin pretrain --config local --data-path "$DATA_DIR/stdlib_text_document" \
   --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --log-dir "$RUN_DIR" \
   --tensorboard-dir "$RUN_DIR/tensorboard" --exit-duration-in-mins "$LOCAL_MINUTES" "$@"
 train_seconds=$(( $(date +%s) - start ))
 
 # --- 3. Hugging Face export and samples ----------------------------------------------------------------------
-# HOOK (HF export + sample generation): runs when megatron_grin.convert.cli is present; skipped otherwise.
-if python -c "import megatron_grin.convert.cli" 2>/dev/null; then
-  say "exporting to Hugging Face PhimoeForCausalLM -> $RUN_DIR/hf"
-  if megatron-grin convert to-hf --load "$RUN_DIR/checkpoints" --out "$RUN_DIR/hf" --force; then
-    say "samples (temperature 0.8, byte-level, prompts from the corpus' style):"
-    python - "$RUN_DIR/hf" <<'EOF' || echo "[local.sh] sampling failed (the export is still in $RUN_DIR/hf)"
+say "exporting to Hugging Face PhimoeForCausalLM -> $RUN_DIR/hf"
+if megatron-grin convert to-hf --load "$RUN_DIR/checkpoints" --out "$RUN_DIR/hf" --force; then
+  say "samples (temperature 0.8, byte-level, prompts from the corpus' style):"
+  python - "$RUN_DIR/hf" <<'EOF' || echo "[local.sh] sampling failed (the export is still in $RUN_DIR/hf)"
 import sys
 import warnings
 
@@ -57,7 +55,7 @@ from transformers import AutoModelForCausalLM
 
 from megatron_grin.training.tokenizer import ByteTokenizer
 
-warnings.filterwarnings("ignore")
+warnings.filterwarnings("ignore", module=r"transformers\.")  # generation-config notices
 tok = ByteTokenizer()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 torch.manual_seed(0)
@@ -69,11 +67,8 @@ for prompt in ("def ", "import os\n", "class "):
     print(tok.decode(out[0].tolist()))
 print("-" * 60)
 EOF
-  else
-    echo "[local.sh] HF export failed; the megatron checkpoint is unaffected"
-  fi
 else
-  say "megatron_grin.convert.cli not available: skipping the Hugging Face export and samples"
+  echo "[local.sh] HF export failed; the megatron checkpoint is unaffected"
 fi
 
 # --- 4. where things are -------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 #   launch/submit.sh --preset h100x512 --dry-run                            # review, submit nothing
 #   launch/submit.sh --nodes 2 --gpus-per-node 2 --cpu --name smoke -- --model-preset test --mock-data
 #
-# Presets are configs/cluster/NAME.yaml: h100x64, h100x128, h100x256, h100x512 (8/16/32/64 nodes x 8 H100).
+# Presets are megatron_grin/configs/cluster/NAME.yaml: h100x64, h100x128, h100x256, h100x512 (8/16/32/64 nodes x 8 H100).
 # With a preset the trainer gets --config RUN_DIR/config.yaml (the model file, then the recipe file, merged)
 # plus the preset's parallel layout as flags; everything after `--` is passed to the trainer last, so it wins.
 #
@@ -17,8 +17,8 @@
 #   --mode MODE          torchrun (default: one torchrun per node) | srun (one Slurm task per rank)
 #   --name NAME          job name (default: grin-PRESET, else grin); --singleton chains jobs of this name
 #   --run-dir DIR        run directory (default: runs/NAME); a later job with the same one resumes it
-#   --model FILE         model config (default with a preset: configs/grin-16x3.8b.yaml)
-#   --recipe FILE        training recipe (default with a preset: configs/pretrain-grin.yaml)
+#   --model FILE         model config (default with a preset: megatron_grin/configs/grin-16x3.8b.yaml)
+#   --recipe FILE        training recipe (default with a preset: megatron_grin/configs/pretrain-grin.yaml)
 #   --time T             time limit, e.g. 24:00:00 (default: grin.sbatch's 04:00:00)
 #   --grace S            SIGUSR1 this many seconds before the time limit (default 600)
 #   --singleton          start only after earlier jobs of the same name and user have ended
@@ -92,15 +92,15 @@ python_bin() {
 layout_flags=() summary=""
 if [[ -n $preset ]]; then
   cluster_yaml=$preset
-  [[ -f $cluster_yaml ]] || cluster_yaml=$GRIN_ROOT/configs/cluster/$preset.yaml
+  [[ -f $cluster_yaml ]] || cluster_yaml=$GRIN_ROOT/megatron_grin/configs/cluster/$preset.yaml
   if [[ ! -f $cluster_yaml ]]; then
-    known=("$GRIN_ROOT"/configs/cluster/*.yaml)
+    known=("$GRIN_ROOT"/megatron_grin/configs/cluster/*.yaml)
     known=("${known[@]##*/}")
     die "no preset $preset; known: ${known[*]%.yaml}"
   fi
   preset=$(basename "$cluster_yaml" .yaml)
-  model=${model:-$GRIN_ROOT/configs/grin-16x3.8b.yaml}
-  recipe=${recipe:-$GRIN_ROOT/configs/pretrain-grin.yaml}
+  model=${model:-$GRIN_ROOT/megatron_grin/configs/grin-16x3.8b.yaml}
+  recipe=${recipe:-$GRIN_ROOT/megatron_grin/configs/pretrain-grin.yaml}
 fi
 name=${name:-grin${preset:+-$preset}}
 run_dir=$(realpath -m -- "${run_dir:-$GRIN_ROOT/runs/$name}")

@@ -1,9 +1,9 @@
 """``megatron-grin``: one console script, one subcommand per job; each module is imported only when used.
 
-    megatron-grin pretrain --config configs/local.yaml     # megatron_grin.training.trainer
+    megatron-grin pretrain --config local                  # megatron_grin.training.trainer
     megatron-grin preprocess --input a.jsonl --output-prefix data/a --tokenizer byte
     megatron-grin convert to-hf --load CKPT --out HF_DIR
-    megatron-grin plan --config configs/cluster/h100x64.yaml
+    megatron-grin plan --config cluster/h100x64
     megatron-grin bench ...
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Optional, Sequence
 
 #: subcommand -> (module, function, one-line help)
@@ -21,6 +22,12 @@ COMMANDS = {
     "plan": ("megatron_grin.plan.cli", "main", "memory and throughput plan for a cluster layout"),
     "bench": ("megatron_grin.bench.cli", "main", "micro-benchmarks"),
 }
+
+
+def quiet_missing_extras() -> None:
+    """Drop megatron's "Transformer Engine / Apex not installed, falling back to torch" warnings (plain-torch and
+    CPU installs say so once per module); every other warning still shows."""
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*", category=UserWarning)
 
 
 def usage() -> str:

@@ -1,82 +1,195 @@
 """Use megatron-grin from an upstream Megatron-LM checkout (its ``pretrain_gpt.py`` training loop).
 
-Megatron-LM builds models through ``model_provider(gpt_builder)`` and parses flags with an optional
-``extra_args_provider``. This module supplies both: GRIN flags on top of Megatron-LM's, and a builder
-that turns Megatron-LM's ``args`` into a :class:`GrinConfig` and builds the same model megatron-grin's
-own trainer builds. See ``patches/pretrain_grin.py`` for the drop-in entry point.
+``patches/pretrain_grin.py`` runs Megatron-LM's ``pretrain`` with the hooks defined here:
+
+* :func:`grin_extra_args` adds the GRIN-only flags (declared in config.py, as ``pretrain`` takes them) to
+  Megatron-LM's parser, after modelopt's when that is installed;
+* :func:`grin_config_from_megatron_args` reads Megatron-LM's parsed ``args`` through the same declarations
+  and the same answers (training/megatron_lm_answers.yaml) as ``megatron-grin pretrain``: a Megatron-LM flag
+  that contradicts GRIN is refused with its reason, never overridden;
+* :func:`grin_gpt_builder` builds exactly the model ``megatron-grin pretrain`` builds;
+* :func:`grin_transformer_config_from_args` stands in for Megatron-LM's ``core_transformer_config_from_args``
+  inside pretrain_gpt.py (get_batch, is_dataset_built_on_rank, get_embedding_ranks), so those hooks see the
+  configuration of the model that is really trained.
+
+Nothing here imports Megatron-LM's ``megatron.training`` at module level: tests build ``args`` from
+Megatron-LM's flag table instead (tests/test_megatron_lm.py).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+from typing import Any, Optional
 
-from megatron_grin.config import GrinConfig
-from megatron_grin.model.build import build_model
+from megatron_grin.ckpt_format import config_json, write_atomic
+from megatron_grin.config import ConfigError, GrinConfig
+from megatron_grin.model.build import build_model, transformer_config
+from megatron_grin.settings import GRIN_GROUP, declared, field_default
+from megatron_grin.training.arguments import megatron_flags
 
-_GRIN_ARG_DEFAULTS = {"grin_router": "sparsemixer_v2", "grin_jitter_eps": 0.01, "grin_expert_backend": "auto"}
+#: args that Megatron-LM's validate_args fills from other flags (arguments.py:786-822); not user choices
+_DERIVED_BY_MEGATRON = {"encoder_num_layers", "encoder_seq_length", "dataloader_type"}
+#: GrinConfig fields whose Megatron-LM argument needs more than a copy (read in _special)
+_SPECIAL = {"sliding_window", "ffn_hidden_size", "num_query_groups", "vocab_size", "padded_vocab",
+            "input_jitter_eps", "attention_backend", "moe_aux_loss_coeff", "moe_router_load_balancing_type",
+            "virtual_pipeline_model_parallel_size"}
 
 
 def add_grin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM ``extra_args_provider``: the GRIN-specific flags."""
-    group = parser.add_argument_group("grin", "GRIN / SparseMixer-v2 routing")
-    group.add_argument("--grin-router", choices=["sparsemixer_v2", "sparsemixer_v2_star"],
-                       default=_GRIN_ARG_DEFAULTS["grin_router"], help="SparseMixer estimator (v2 = GRIN).")
-    group.add_argument("--grin-jitter-eps", type=float, default=_GRIN_ARG_DEFAULTS["grin_jitter_eps"],
-                       help="relative mask threshold epsilon (HF router_jitter_noise)")
-    group.add_argument("--grin-expert-backend", default=_GRIN_ARG_DEFAULTS["grin_expert_backend"],
-                       help="auto | sequential | grouped_mm | te_grouped")
-    group.add_argument("--grin-sliding-window", type=int, default=None,
-                       help="attention window in keys incl. the query (HF sliding_window; GRIN: 2047)")
+    """The GRIN-only flags (--grin-router, --grin-jitter-eps, --grin-expert-backend), from their declarations."""
+    group = parser.add_argument_group("grin", "GRIN / SparseMixer-v2 routing (megatron-grin)")
+    for name, s in declared(GrinConfig):
+        if s.group == GRIN_GROUP:
+            group.add_argument(*s.flags, type=s.type, choices=s.choices, default=field_default(GrinConfig, name),
+                               help=s.help)
     return parser
 
 
-def _arg(args: Any, name: str, default: Any = None) -> Any:
-    value = getattr(args, name, None)
-    return default if value is None else value
+def grin_extra_args(parser: argparse.ArgumentParser, modelopt_args=None) -> argparse.ArgumentParser:
+    """Megatron-LM's ``extra_args_provider``: pretrain_gpt's (modelopt's, when installed), then GRIN's."""
+    if modelopt_args is not None:
+        parser = modelopt_args(parser)
+    return add_grin_args(parser)
 
 
-def grin_config_from_megatron_args(args: Any) -> GrinConfig:
-    """Translate Megatron-LM's parsed ``args`` into a GrinConfig (validated)."""
-    recompute = _arg(args, "recompute_granularity")
-    cfg = GrinConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        ffn_hidden_size=_arg(args, "moe_ffn_hidden_size", _arg(args, "ffn_hidden_size")),
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=_arg(args, "num_query_groups", args.num_attention_heads),
-        kv_channels=_arg(args, "kv_channels"),
-        vocab_size=_arg(args, "padded_vocab_size", _arg(args, "vocab_size")), make_vocab_size_divisible_by=1,
-        max_position_embeddings=args.max_position_embeddings, rotary_base=float(_arg(args, "rotary_base", 10000)),
-        sliding_window=_arg(args, "grin_sliding_window"), layernorm_epsilon=_arg(args, "norm_epsilon", 1e-5),
-        init_method_std=_arg(args, "init_method_std", 0.02), num_experts=args.num_experts,
-        moe_router_topk=_arg(args, "moe_router_topk", 2),
-        router_variant=_arg(args, "grin_router", _GRIN_ARG_DEFAULTS["grin_router"]),
-        router_jitter_eps=_arg(args, "grin_jitter_eps", _GRIN_ARG_DEFAULTS["grin_jitter_eps"]),
-        input_jitter_eps=_arg(args, "moe_input_jitter_eps", 0.0),
-        moe_aux_loss_coeff=float(_arg(args, "moe_aux_loss_coeff", 0.0)),
-        moe_z_loss_coeff=_arg(args, "moe_z_loss_coeff"),
-        expert_backend=_arg(args, "grin_expert_backend", _GRIN_ARG_DEFAULTS["grin_expert_backend"]),
-        tensor_model_parallel_size=_arg(args, "tensor_model_parallel_size", 1),
-        pipeline_model_parallel_size=_arg(args, "pipeline_model_parallel_size", 1),
-        virtual_pipeline_model_parallel_size=_arg(args, "virtual_pipeline_model_parallel_size"),
-        expert_tensor_parallel_size=_arg(args, "expert_tensor_parallel_size"),
-        expert_model_parallel_size=_arg(args, "expert_model_parallel_size", 1),
-        context_parallel_size=_arg(args, "context_parallel_size", 1),
-        sequence_parallel=_arg(args, "sequence_parallel"),
-        bf16=bool(_arg(args, "bf16", False)),
-        recompute_granularity=recompute, recompute_method=_arg(args, "recompute_method"),
-        recompute_num_layers=_arg(args, "recompute_num_layers"),
+def _dest(flag: str) -> str:
+    for m in megatron_flags():
+        if flag in m.flags:
+            return m.dest
+    return flag[2:].replace("-", "_")
+
+
+def _scalar(value: Any, flag: str, problems: list) -> Any:
+    if isinstance(value, (list, tuple)):
+        if len(value) > 1:
+            problems.append(f"{flag} {' '.join(map(str, value))}: one value (every GRIN layer is the same MoE layer)")
+        return value[0] if value else None
+    return value
+
+
+def _special(args: Any, problems: list, tokenizer_vocab: Optional[int]) -> dict:
+    """The GrinConfig fields whose Megatron-LM argument is a tuple, a list, an enum or derived."""
+    window = getattr(args, "window_size", None)
+    if window is not None and (window[1] != 0 or window[0] < 0):
+        problems.append(f"--window-size {window}: GRIN's attention is causal with a finite window (LEFT,0)")
+    gqa = bool(getattr(args, "group_query_attention", False))
+    backend = getattr(args, "attention_backend", "auto")
+    padded = getattr(args, "padded_vocab_size", None)
+    return dict(
+        sliding_window=None if window is None or window[0] < 0 else int(window[0]) + 1,
+        ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,
+        num_query_groups=args.num_query_groups if gqa else args.num_attention_heads,
+        vocab_size=tokenizer_vocab or getattr(args, "vocab_size", None) or padded,
+        padded_vocab=padded,
+        input_jitter_eps=getattr(args, "moe_input_jitter_eps", None) or 0.0,
+        attention_backend=getattr(backend, "name", backend),
+        moe_aux_loss_coeff=float(_scalar(args.moe_aux_loss_coeff, "--moe-aux-loss-coeff", problems) or 0.0),
+        moe_router_load_balancing_type=_scalar(args.moe_router_load_balancing_type,
+                                               "--moe-router-load-balancing-type", problems),
+        virtual_pipeline_model_parallel_size=getattr(args, "virtual_pipeline_model_parallel_size", None),
+        tokenizer=getattr(args, "tokenizer_model", None) if getattr(args, "tokenizer_type", None) ==
+        "HuggingFaceTokenizer" else None,
     )
-    return cfg.validate()
+
+
+def _answered_problems(args: Any, extra: dict) -> list[str]:
+    """Megatron-LM flags no GRIN setting owns, judged as `pretrain` judges them (given = not at the default)."""
+    problems = []
+    for m in megatron_flags():
+        a = m.answer
+        if a is None or m.dest in _DERIVED_BY_MEGATRON or not hasattr(args, m.dest):
+            continue
+        value = getattr(args, m.dest)
+        value = getattr(value, "name", value)  # enums: Megatron-LM parses them by member name
+        if a.passthrough:
+            if value != m.default:
+                extra[a.passthrough] = value
+            continue
+        if value == m.default and not a.fixed:
+            continue
+        accepted, reason = m.judge(value)
+        if not accepted:
+            shown = m.name if value is True or value is False else f"{m.name} {value}"
+            problems.append(f"{shown}: {reason}")
+    return problems
+
+
+def grin_config_from_megatron_args(args: Any, tokenizer_vocab: Optional[int] = None) -> GrinConfig:
+    """Megatron-LM's parsed ``args`` -> the validated GrinConfig ``megatron-grin pretrain`` would build.
+
+    ``tokenizer_vocab``: the unpadded vocabulary of Megatron-LM's tokenizer (default: --vocab-size, else the
+    padded size). Raises ConfigError listing every Megatron-LM setting that contradicts GRIN (never overrides).
+    """
+    problems: list[str] = []
+    extra: dict = {}
+    problems += _answered_problems(args, extra)
+    fields = _special(args, problems, tokenizer_vocab)
+    for name, s in declared(GrinConfig):
+        if name in _SPECIAL:
+            continue
+        dest = _dest(s.flag)
+        if hasattr(args, dest):
+            value = getattr(args, dest)
+            fields[name] = field_default(GrinConfig, name) if value is None and not _optional(name) else value
+    if fields.get("tensor_model_parallel_size", 1) == 1:
+        fields["sequence_parallel"] = None  # Megatron-LM's validate_args already turned it off
+    try:
+        cfg = GrinConfig(**fields, extra=extra)
+    except TypeError as err:
+        raise ConfigError(f"Megatron-LM arguments: {err}") from None
+    problems += cfg.problems()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _optional(name: str) -> bool:
+    return field_default(GrinConfig, name) is None
+
+
+def write_config(save: Optional[str], cfg: GrinConfig) -> Optional[str]:
+    """``<save>/grin_config.json``: lets `megatron-grin pretrain --load` and `convert to-hf` read the checkpoints."""
+    if not save:
+        return None
+    os.makedirs(save, exist_ok=True)
+    path = os.path.join(save, "grin_config.json")
+    write_atomic(path, config_json(cfg))
+    return path
+
+
+_CACHE: dict = {}
+
+
+def grin_config_cached(args: Any, tokenizer_vocab: Optional[int] = None) -> GrinConfig:
+    """One GrinConfig per Megatron-LM args object (pretrain_gpt asks for a config on every micro-batch)."""
+    key = id(args)
+    stale = key in _CACHE and tokenizer_vocab is not None and _CACHE[key][0].vocab_size != tokenizer_vocab
+    if key not in _CACHE or stale:
+        _CACHE.clear()
+        _CACHE[key] = (grin_config_from_megatron_args(args, tokenizer_vocab), {})
+    return _CACHE[key][0]
+
+
+def grin_transformer_config_from_args(args: Any, config_class: Any = None):
+    """For pretrain_gpt.py's get_batch / is_dataset_built_on_rank / get_embedding_ranks: the GRIN model's config."""
+    cfg = grin_config_cached(args)
+    derived = _CACHE[id(args)][1]
+    if "tconfig" not in derived:
+        derived["tconfig"] = transformer_config(cfg)
+    return derived["tconfig"]
 
 
 def grin_gpt_builder(args: Any, pre_process: bool, post_process: bool, vp_stage=None, config=None,
-                     pg_collection=None):
-    """Drop-in for Megatron-LM's ``gpt_builder``: builds the GRIN model for this (virtual) stage.
+                     pg_collection=None, tokenizer_vocab=None):
+    """Drop-in for Megatron-LM's ``gpt_builder``: the GRIN model of this (virtual) stage.
 
-    Megatron-LM's own TransformerConfig (``config``) is not used for the architecture: GRIN's is derived
-    from ``args`` so that both trainers build the identical model.
+    Megatron-LM's own TransformerConfig (``config``) is not used for the architecture: GRIN's is derived from
+    ``args`` through the same declarations as `megatron-grin pretrain`, so both trainers build the same model.
+    ``tokenizer_vocab``: a callable returning the tokenizer's vocabulary (the entry point passes Megatron-LM's).
     """
-
-    return build_model(grin_config_from_megatron_args(args), pre_process=pre_process, post_process=post_process,
-                       vp_stage=vp_stage)
+    cfg = grin_config_cached(args, tokenizer_vocab() if callable(tokenizer_vocab) else tokenizer_vocab)
+    if pre_process and getattr(args, "rank", 0) == 0:
+        write_config(getattr(args, "save", None), cfg)
+    use_te = None if getattr(args, "transformer_impl", None) is None else args.transformer_impl == "transformer_engine"
+    return build_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, use_te=use_te)

@@ -1,335 +1,261 @@
-"""Flags of ``megatron-grin pretrain``: Megatron-LM names, YAML defaults, one translation, early checks.
+"""Flags of ``megatron-grin pretrain``: Megatron-LM's names, every problem reported at once, no heavy imports.
 
-    model_cfg, train_cfg = parse_args(["--config", "configs/local.yaml", "--train-iters", "200"])
+    parsed = parse(["--config", "local", "--train-iters", "200", "--mock-data"])
+    cfg, tcfg = parse_args([...])                      # the validated (GrinConfig, TrainConfig)
 
-Precedence, lowest first: built-in defaults < ``--model-preset`` < ``--config FILE.yaml`` < flags.
-YAML keys are flag names with dashes or underscores (``seq_length: 256`` == ``--seq-length 256``);
-``true``/``false`` switch boolean flags, lists fill flags that take several values (``data_path``).
-Unknown flags and unknown YAML keys fail with the nearest known name. Everything that can be checked
-without a process group is checked here (batch arithmetic, layout, data files, tokenizer, the model
-config of the checkpoint ``--load`` would resume), so a bad run stops before any rank starts.
-
-The full flag table is docs/training.md; tests/test_arguments.py keeps the two in sync.
+The flags come from the declarations (config.GrinConfig, run_config.TrainConfig, :class:`CommandOptions`)
+and from Megatron-LM 0.16's own parser (flag_table.py): every Megatron-LM flag is honoured, accepted as a
+logged no-op, or refused with its reason. Precedence, lowest first: defaults (Megatron-LM's, or a GRIN preset's
+when ``--model-preset`` / a GRIN config names one) < ``--config FILE.yaml`` < flags. YAML keys are flag names
+with dashes or underscores. One run reports every unknown flag, bad value and contradiction, each with its fix.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import torch
 import yaml
 
-from megatron_grin.ckpt_format import check_checkpoint_config
-from megatron_grin.config import (
-    ATTENTION_BACKENDS,
-    EXPERT_BACKENDS,
-    PRESETS,
-    ROUTER_VARIANTS,
-    ConfigError,
-    GrinConfig,
-    have_transformer_engine,
-    preset,
-    resolve_backend,
-)
-from megatron_grin.training.data_files import validate_data_path
-from megatron_grin.training.tokenizer import build_tokenizer
+from megatron_grin.config import PRESETS, ConfigError, GrinConfig
+from megatron_grin.settings import GRIN_GROUP, Setting, declared, field_default, optional_int, setting
+from megatron_grin.training import flag_table, resolve, run_checks
+from megatron_grin.training.flag_table import MegatronFlag
+from megatron_grin.training.resolve import get
+from megatron_grin.training.run_config import TrainConfig
 
 PROG = "megatron-grin pretrain"
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+#: names some tools use for a Megatron-LM flag: suggested, never accepted
+SYNONYMS = {"--tp": "--tensor-model-parallel-size", "--pp": "--pipeline-model-parallel-size",
+            "--vpp": "--num-virtual-stages-per-pipeline-rank", "--ep": "--expert-model-parallel-size",
+            "--cp": "--context-parallel-size", "--etp": "--expert-tensor-parallel-size",
+            "--distributed-optimizer": "--use-distributed-optimizer", "--recompute": "--recompute-granularity",
+            "--dtype": "--bf16", "--topk": "--moe-router-topk", "--moe-topk": "--moe-router-topk",
+            "--experts": "--num-experts", "--hidden": "--hidden-size", "--ffn": "--moe-ffn-hidden-size",
+            "--layers": "--num-layers", "--heads": "--num-attention-heads", "--vocab": "--vocab-size",
+            "--iteration": "--ckpt-step", "--max-seq-len": "--seq-length", "--seq-len": "--seq-length",
+            "--gbs": "--global-batch-size", "--mbs": "--micro-batch-size", "--grin-sliding-window": "--window-size",
+            "--preset": "--model-preset", "--gpus": "WORLD_SIZE (torchrun) or SLURM_NTASKS"}
 
 
 @dataclass
-class TrainConfig:
-    """Everything about a run that is not the model (Megatron-LM flag names in comments)."""
+class CommandOptions:
+    """Flags of the command itself, and Megatron-LM shorthands that fill a declared setting."""
 
-    # --- batch and schedule --------------------------------------------------------------------
-    seq_length: int = 4096  # --seq-length
-    micro_batch_size: int = 1  # --micro-batch-size
-    global_batch_size: int = 1  # --global-batch-size (default: micro x data-parallel size)
-    train_iters: int = 0  # --train-iters
-    # --- optimizer (AdamW) and learning-rate schedule -------------------------------------------
-    lr: float = 1e-4  # --lr
-    min_lr: float = 0.0  # --min-lr
-    lr_decay_style: str = "linear"  # --lr-decay-style constant|linear|cosine|inverse-square-root
-    lr_warmup_iters: int = 0  # --lr-warmup-iters
-    lr_warmup_init: float = 0.0  # --lr-warmup-init
-    lr_decay_iters: Optional[int] = None  # --lr-decay-iters (default: --train-iters)
-    override_opt_param_scheduler: bool = False  # --override-opt-param-scheduler
-    weight_decay: float = 0.01  # --weight-decay
-    adam_beta1: float = 0.9  # --adam-beta1
-    adam_beta2: float = 0.999  # --adam-beta2
-    adam_eps: float = 1e-8  # --adam-eps
-    clip_grad: float = 1.0  # --clip-grad
-    use_distributed_optimizer: bool = False  # --use-distributed-optimizer
-    overlap_grad_reduce: bool = False  # --overlap-grad-reduce
-    seed: int = 1234  # --seed
-    # --- data --------------------------------------------------------------------------------
-    data_path: Optional[list[str]] = None  # --data-path
-    split: str = "969, 30, 1"  # --split
-    mock_data: bool = False  # --mock-data
-    tokenizer: str = "byte"  # --tokenizer / --tokenizer-type + --tokenizer-model
-    data_cache_path: Optional[str] = None  # --data-cache-path
-    num_workers: int = 0  # --num-workers
-    # --- checkpoints -------------------------------------------------------------------------
-    save: Optional[str] = None  # --save
-    load: Optional[str] = None  # --load
-    save_interval: Optional[int] = None  # --save-interval
-    ckpt_keep_last: Optional[int] = None  # --ckpt-keep-last (prune older complete checkpoints)
-    ckpt_step: Optional[int] = None  # --ckpt-step (load this iteration instead of the latest)
-    no_load_optim: bool = False  # --no-load-optim
-    no_load_rng: bool = False  # --no-load-rng
-    finetune: bool = False  # --finetune (weights only; iteration and data position restart at 0)
-    # --- run control -------------------------------------------------------------------------
-    exit_signal_handler: bool = True  # --exit-signal-handler (SIGTERM / SIGUSR1 -> save and exit 0)
-    exit_duration_in_mins: Optional[float] = None  # --exit-duration-in-mins
-    exit_interval: Optional[int] = None  # --exit-interval (save and exit at iterations divisible by it)
-    # --- logging and evaluation --------------------------------------------------------------
-    log_interval: int = 100  # --log-interval
-    eval_interval: Optional[int] = 1000  # --eval-interval
-    eval_iters: int = 100  # --eval-iters
-    log_dir: Optional[str] = None  # --log-dir (metrics.jsonl, loss_curve.png, summary.json; default --save)
-    tensorboard_dir: Optional[str] = None  # --tensorboard-dir
-    wandb_project: Optional[str] = None  # --wandb-project
-    wandb_exp_name: Optional[str] = None  # --wandb-exp-name
-    wandb_save_dir: Optional[str] = None  # --wandb-save-dir
-    wandb_entity: Optional[str] = None  # --wandb-entity
-    peak_tflops: Optional[float] = None  # --peak-tflops (per device, for MFU; default: table or measured)
-    # --- implementation ----------------------------------------------------------------------
-    transformer_impl: Optional[str] = None  # --transformer-impl local|transformer_engine (default: auto)
-    # --- derived (filled by parse_args) ------------------------------------------------------
-    world_size: int = 1
-    data_parallel_size: int = 1
-    num_microbatches: int = 1
-    vocab_from_tokenizer: bool = field(default=True, repr=False)
+    config: Optional[str] = setting(None, "--config", help="YAML file of flag values (keys = flag names), or a "
+                                    "packaged config by name: " + ", ".join(
+                                        sorted(n[:-5] for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml")))
+                                    if os.path.isdir(CONFIG_DIR) else "YAML file of flag values", group=GRIN_GROUP,
+                                    metavar="NAME|FILE.yaml")
+    model_preset: Optional[str] = setting(None, "--model-preset", help="GRIN architecture preset (its defaults "
+                                          "replace Megatron-LM's)", group=GRIN_GROUP, choices=tuple(sorted(PRESETS)))
+    dry_run: bool = setting(False, "--dry-run", help="check everything, print the resolved model and run, start "
+                            "nothing", group=GRIN_GROUP, kind="flag")
+    ffn_hidden_size: Optional[int] = setting(None, "--ffn-hidden-size", help="Megatron-LM's dense FFN size; the "
+                                             "expert size when --moe-ffn-hidden-size is not given",
+                                             group="transformer configuration", type=int, ge=1)
+    group_query_attention: bool = setting(False, "--group-query-attention", help="use --num-query-groups key/value "
+                                          "heads (else one per query head)", group="network size", kind="flag")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = setting(
+        None, "--num-layers-per-virtual-pipeline-stage", help="layers per virtual stage (interleaved 1F1B)",
+        group="distributed", type=int, ge=1)
+    use_flash_attn: bool = setting(False, "--use-flash-attn", help="= --attention-backend flash", group="training",
+                                   kind="flag")
+    recompute_activations: bool = setting(False, "--recompute-activations", help="= --recompute-granularity "
+                                          "selective", group="training", kind="flag")
+    sliding_window: Optional[int] = setting(None, "--sliding-window", help="GRIN's window in the HF convention "
+                                            "(N keys incl. the query; = --window-size N-1,0); none", group=GRIN_GROUP,
+                                            type=optional_int, ge=1, metavar="N|none")
+
+
+#: declared dataclasses and the key prefix of their values
+OWNERS = (("model", GrinConfig), ("train", TrainConfig), ("cli", CommandOptions))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one option string sets."""
+
+    key: str  # "model.hidden_size", "train.lr", "cli.config" or "megatron.--fp16"
+    setting: Optional[Setting] = None
+    mflag: Optional[MegatronFlag] = None
+    implied: Any = None  # the value of a spelling that takes no value (--x / --no-x)
 
     @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_length
+    def nargs(self) -> Any:
+        """0, 1, "+" or an int: how many tokens follow."""
+        if self.setting is not None:
+            if self.setting.kind != "value":
+                return 0
+            return self.setting.nargs or 1
+        if not self.mflag.takes_values():
+            return 0
+        return int(self.mflag.nargs) if str(self.mflag.nargs).isdigit() else (self.mflag.nargs or 1)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (the CLI prints it) instead of exiting from inside a library."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(message)
-
-
-# Flag dest -> GrinConfig field. Model flags default to None so the preset fills what is not given.
-MODEL_FLAGS = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "ffn_hidden_size": "ffn_hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_query_groups": "num_query_groups",
-    "kv_channels": "kv_channels",
-    "vocab_size": "vocab_size",
-    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
-    "max_position_embeddings": "max_position_embeddings",
-    "rotary_base": "rotary_base",
-    "sliding_window": "sliding_window",
-    "norm_epsilon": "layernorm_epsilon",
-    "init_method_std": "init_method_std",
-    "num_experts": "num_experts",
-    "moe_router_topk": "moe_router_topk",
-    "grin_router": "router_variant",
-    "grin_jitter_eps": "router_jitter_eps",
-    "moe_input_jitter_eps": "input_jitter_eps",
-    "moe_aux_loss_coeff": "moe_aux_loss_coeff",
-    "moe_z_loss_coeff": "moe_z_loss_coeff",
-    "grin_expert_backend": "expert_backend",
-    "moe_router_fusion": "moe_router_fusion",
-    "moe_permute_fusion": "moe_permute_fusion",
-    "moe_grouped_gemm": "moe_grouped_gemm",
-    "attention_backend": "attention_backend",
-    "tensor_model_parallel_size": "tensor_model_parallel_size",
-    "pipeline_model_parallel_size": "pipeline_model_parallel_size",
-    "expert_tensor_parallel_size": "expert_tensor_parallel_size",
-    "expert_model_parallel_size": "expert_model_parallel_size",
-    "context_parallel_size": "context_parallel_size",
-    "sequence_parallel": "sequence_parallel",
-    "bf16": "bf16",
-    "recompute_granularity": "recompute_granularity",
-    "recompute_method": "recompute_method",
-    "recompute_num_layers": "recompute_num_layers",
-}
-
-#: Megatron-LM flags GRIN's fixed architecture already implies: accepted, and checked when they take a value.
-ARCHITECTURE_FLAGS = {
-    "--untie-embeddings-and-output-weights": None,
-    "--swiglu": None,
-    "--disable-bias-linear": None,
-    "--add-qkv-bias": None,
-    "--group-query-attention": None,
-    "--use-mcore-models": None,
-    "--normalization": "LayerNorm",
-    "--position-embedding-type": "rope",
-}
-
-_TOKENIZER_TYPES = {"byte": "byte", "bytetokenizer": "byte", "huggingfacetokenizer": None}
+    def convert(self, tokens: list[str]) -> Any:
+        if self.nargs == 0:
+            return self.implied
+        if self.setting is not None:
+            return self.setting.convert(tokens)
+        return self.mflag.convert(tokens)
 
 
-def _int_or_none(text: str) -> Optional[int]:
-    return None if text.lower() in ("none", "null", "0", "") else int(text)
+@dataclass
+class Given:
+    """A value from the command line or the config file, and where it came from (for messages)."""
+
+    value: Any
+    origin: str  # "--lr" or "run.yaml: lr"
 
 
-def _model_flags(g) -> None:
-    add = g.add_argument
-    add("--model-preset", choices=sorted(PRESETS), help="architecture preset; flags below override it")
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                 "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings",
-                 "num_experts", "moe_router_topk"):
-        add("--" + name.replace("_", "-"), type=int, default=None)
-    add("--moe-ffn-hidden-size", dest="ffn_hidden_size", type=int, default=None, help="alias of --ffn-hidden-size")
-    add("--rotary-base", type=float, default=None)
-    add("--sliding-window", type=_int_or_none, default=None, metavar="N|none",
-        help="local attention window (HF convention, query included); none = full causal attention")
-    add("--norm-epsilon", type=float, default=None)
-    add("--init-method-std", type=float, default=None)
-    add("--moe-aux-loss-coeff", type=float, default=None)
-    add("--moe-z-loss-coeff", type=float, default=None)
-    add("--moe-input-jitter-eps", type=float, default=None)
-    add("--grin-router", choices=ROUTER_VARIANTS, default=None)
-    add("--grin-jitter-eps", type=float, default=None)
-    add("--grin-expert-backend", choices=EXPERT_BACKENDS, default=None)
-    for flag, value in ARCHITECTURE_FLAGS.items():
-        if value is None:
-            add(flag, action="store_true", help=argparse.SUPPRESS)
-        else:
-            add(flag, default=None, help=argparse.SUPPRESS)
+@dataclass
+class Scan:
+    values: dict = field(default_factory=dict)  # key -> Given (last occurrence wins, as argparse)
+    counts: dict = field(default_factory=dict)  # key -> occurrences
+    problems: list = field(default_factory=list)
+    help: bool = False
 
 
-def _parallel_flags(g) -> None:
-    add, boolean = g.add_argument, argparse.BooleanOptionalAction
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_tensor_parallel_size",
-                 "expert_model_parallel_size", "context_parallel_size"):
-        add("--" + name.replace("_", "-"), type=int, default=None)
-    add("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    add("--sequence-parallel", action=boolean, default=None)
-    add("--bf16", action=boolean, default=None)
-    add("--recompute-granularity", choices=("full", "selective"), default=None)
-    add("--recompute-method", choices=("uniform", "block"), default=None)
-    add("--recompute-num-layers", type=int, default=None)
-    add("--use-distributed-optimizer", action=boolean, default=False)
-    add("--overlap-grad-reduce", action=boolean, default=False)
-    add("--transformer-impl", choices=("local", "transformer_engine"), default=None)
-    add("--moe-router-fusion", action=boolean, default=None, help="Triton SparseMixer-v2 routing (default: on CUDA)")
-    add("--moe-permute-fusion", action=boolean, default=None, help="Triton permute/unpermute (default: on CUDA)")
-    add("--moe-grouped-gemm", action=boolean, default=None, help="grouped-GEMM experts (default: on)")
-    add("--attention-backend", choices=ATTENTION_BACKENDS, default=None)
+def _declared_targets() -> dict[str, Target]:
+    index: dict[str, Target] = {}
+    for prefix, cls in OWNERS:
+        for name, s in declared(cls):
+            key = f"{prefix}.{name}"
+            for flag in s.flags:
+                implied = {"flag": True, "off": False, "switch": True}.get(s.kind)
+                index[flag] = Target(key, setting=s, implied=implied)
+                if s.kind == "switch":
+                    index["--no-" + flag[2:]] = Target(key, setting=s, implied=False)
+    return index
 
 
-def _training_flags(g) -> None:
-    add = g.add_argument
-    add("--seq-length", type=int, default=None)
-    add("--micro-batch-size", type=int, default=1)
-    add("--global-batch-size", type=int, default=None)
-    add("--train-iters", type=int, default=None)
-    add("--lr", type=float, default=1e-4)
-    add("--min-lr", type=float, default=0.0)
-    add("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"), default="linear")
-    add("--lr-warmup-iters", type=int, default=0)
-    add("--lr-warmup-init", type=float, default=0.0)
-    add("--lr-decay-iters", type=int, default=None)
-    add("--override-opt-param-scheduler", action="store_true")
-    add("--weight-decay", type=float, default=0.01)
-    add("--adam-beta1", type=float, default=0.9)
-    add("--adam-beta2", type=float, default=0.999)
-    add("--adam-eps", type=float, default=1e-8)
-    add("--clip-grad", type=float, default=1.0)
-    add("--seed", type=int, default=1234)
+def targets() -> dict[str, Target]:
+    """Every option string ``pretrain`` answers: declared settings first, then Megatron-LM's other flags."""
+    index = _declared_targets()
+    for m in megatron_flags():
+        for flag in m.flags:
+            index.setdefault(flag, Target(f"megatron.{m.name}", mflag=m, implied=m.kind == "store_true"))
+    return index
 
 
-def _data_flags(g) -> None:
-    add = g.add_argument
-    add("--data-path", nargs="*", default=None, metavar="[WEIGHT] PREFIX")
-    add("--split", default="969, 30, 1")
-    add("--mock-data", action=argparse.BooleanOptionalAction, default=False)
-    add("--tokenizer", default=None, metavar="byte|DIR")
-    add("--tokenizer-type", default=None, metavar="TYPE")
-    add("--tokenizer-model", default=None, metavar="DIR")
-    add("--data-cache-path", default=None)
-    add("--num-workers", type=int, default=None)
+def megatron_flags() -> tuple[MegatronFlag, ...]:
+    return flag_table.load(frozenset(_declared_targets()))
 
 
-def _run_flags(g) -> None:
-    add = g.add_argument
-    add("--save", default=None)
-    add("--load", default=None)
-    add("--save-interval", type=int, default=None)
-    add("--ckpt-keep-last", type=int, default=None, metavar="N")
-    add("--ckpt-step", type=int, default=None)
-    add("--no-load-optim", action="store_true")
-    add("--no-load-rng", action="store_true")
-    add("--finetune", action="store_true")
-    add("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=True)
-    add("--exit-duration-in-mins", type=float, default=None)
-    add("--exit-interval", type=int, default=None)
+def known_flags(parser: Optional[argparse.ArgumentParser] = None) -> list[str]:
+    if parser is not None:
+        return sorted(s for a in parser._actions for s in a.option_strings if s.startswith("--"))
+    return sorted(targets())
 
 
-def _logging_flags(g) -> None:
-    add = g.add_argument
-    add("--log-interval", type=int, default=100)
-    add("--eval-interval", type=_int_or_none, default=1000)
-    add("--eval-iters", type=int, default=100)
-    add("--log-dir", default=None)
-    add("--tensorboard-dir", default=None)
-    add("--wandb-project", default=None)
-    add("--wandb-exp-name", default=None)
-    add("--wandb-save-dir", default=None)
-    add("--wandb-entity", default=None)
-    add("--peak-tflops", type=float, default=None)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """All flags, grouped as in docs/training.md."""
-    p = _Parser(prog=PROG, allow_abbrev=False,
-                description="Pretrain a GRIN MoE on megatron-core (Megatron-LM flag names; docs/training.md).")
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag defaults (keys = flag names)")
-    for title, add_flags in (("model", _model_flags), ("parallelism and memory", _parallel_flags),
-                             ("training", _training_flags), ("data", _data_flags),
-                             ("checkpoints and run control", _run_flags), ("logging and evaluation", _logging_flags)):
-        add_flags(p.add_argument_group(title))
-    return p
-
-
-def known_flags(parser: argparse.ArgumentParser) -> list[str]:
-    return sorted(s for action in parser._actions for s in action.option_strings if s.startswith("--"))
-
-
-def _nearest(name: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+# --- unknown flags: suggestions only between related names ---------------------------------------------------
+def suggestion(flag: str, known: Sequence[str]) -> str:
+    """'; did you mean X?' for a misspelt flag, only when X shares its leading word (or is a known synonym)."""
+    if flag in SYNONYMS:
+        return f"; megatron-grin uses Megatron-LM's name: {SYNONYMS[flag]}"
+    head = flag[2:].split("-")[0]
+    related = [k for k in known if k[2:].split("-")[0] == head]
+    close = difflib.get_close_matches(flag, related, n=1, cutoff=0.75)
+    if not close:
+        longer = [k for k in related if k.startswith(flag + "-")]
+        close = longer if len(longer) == 1 else []
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[tuple[str, str]]:
-    """Flags in argv (up to ``--``) that the parser does not know, each with a "did you mean" hint."""
-    known = known_flags(parser)
+def unknown_flags(parser_or_known: Any, argv: Sequence[str]) -> list[tuple[str, str]]:
+    """Flags in argv (up to ``--``) that are not known, each with a related suggestion (or "")."""
+    known = known_flags(parser_or_known) if isinstance(parser_or_known, argparse.ArgumentParser) \
+        else list(parser_or_known)
+    known_set = set(known)
     found = []
     for token in argv:
         if token == "--":
             break
         flag = token.split("=", 1)[0]
-        if flag.startswith("--") and flag not in known:
-            found.append((flag, _nearest(flag, known)))
+        if flag.startswith("--") and flag not in known_set:
+            found.append((flag, suggestion(flag, known)))
     return found
 
 
-def check_flags(parser: argparse.ArgumentParser, argv: Sequence[str], origin: str = "") -> None:
-    """Reject flags the parser does not know, naming the nearest known one."""
-    for flag, hint in unknown_flags(parser, argv)[:1]:
-        raise ConfigError(f"unrecognized argument {flag}{origin}{hint}")
+# --- the command line -----------------------------------------------------------------------------------------
+def _is_flag(token: str) -> bool:
+    return token.startswith("--") or (token.startswith("-") and len(token) > 1 and token[1].isalpha())
 
 
-def yaml_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """Turn a YAML mapping of flag defaults into argv tokens (so flags and YAML are typed identically)."""
+def scan(argv: Sequence[str], index: Optional[dict] = None) -> Scan:
+    """Command-line tokens -> values, with a problem for every unknown flag, missing or bad value."""
+    index = index or targets()
+    out = Scan()
+    known = list(index)
+    i, argv = 0, list(argv)
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token in ("-h", "--help"):
+            out.help = True
+            continue
+        if not _is_flag(token):
+            out.problems.append(f"{token!r}: unexpected value (no flag before it takes one)")
+            continue
+        flag, _, inline = token.partition("=")
+        target = index.get(flag)
+        if target is None:
+            out.problems.append(f"{flag}: unknown flag (neither megatron-grin nor Megatron-LM 0.16 has it)"
+                                + suggestion(flag, known))
+            while i < len(argv) and not _is_flag(argv[i]):  # its values
+                i += 1
+            continue
+        tokens, i, problem = _take_values(flag, target.nargs, inline if "=" in token else None, argv, i)
+        if problem:
+            out.problems.append(problem)
+            continue
+        try:
+            value = target.convert(tokens)
+        except ValueError as err:
+            out.problems.append(str(err))
+            continue
+        bad = target.setting.check(value) if target.setting is not None else None
+        if bad:
+            out.problems.append(bad)
+            continue
+        out.values[target.key] = Given(value, flag if tokens == [] else f"{flag} {' '.join(tokens)}")
+        out.counts[target.key] = out.counts.get(target.key, 0) + 1
+    return out
+
+
+def _take_values(flag: str, nargs: Any, inline: Optional[str], argv: list, i: int) -> tuple[list, int, str]:
+    if nargs == 0:
+        return [], i, (f"{flag} takes no value (got {inline!r})" if inline is not None else "")
+    if inline is not None:
+        return [inline], i, ""
+    taken = []
+    while i < len(argv) and not _is_flag(argv[i]) and (nargs in ("+", "*") or len(taken) < (nargs or 1)):
+        taken.append(argv[i])
+        i += 1
+    want = 1 if nargs in (1, "+") else (0 if nargs == "*" else nargs)
+    if len(taken) < want:
+        return taken, i, f"{flag} expects {'a value' if want == 1 else f'{want} values'}"
+    return taken, i, ""
+
+
+# --- the config file -----------------------------------------------------------------------------------------
+def config_path(name: str) -> str:
+    """A YAML path, or the name of a config shipped in the package (megatron_grin/configs/NAME.yaml)."""
+    if os.path.isfile(name):
+        return name
+    packaged = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
+    if not os.path.isabs(name) and os.path.isfile(packaged):
+        return packaged
+    shipped = sorted(n[:-5] for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml")) if os.path.isdir(CONFIG_DIR) else []
+    raise ConfigError(f"--config {name}: no such file, and not a packaged config ({', '.join(shipped)})")
+
+
+def read_yaml(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -338,43 +264,75 @@ def yaml_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     except yaml.YAMLError as err:
         raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
     if data is None:
-        return []
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    actions = {s: a for a in parser._actions for s in a.option_strings}
-    names = sorted(s[2:] for s in actions if s.startswith("--"))
-    argv: list[str] = []
+    return data
+
+
+def _yaml_tokens(value: Any, nargs: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if isinstance(value, bool):
+        return [str(value).lower()]
+    return str(value).split() if nargs in ("+", "*") else [str(value)]
+
+
+def scan_mapping(data: dict, origin: str, index: Optional[dict] = None) -> Scan:
+    """YAML keys (flag names, dashes or underscores) -> values, typed exactly as the same flags would be."""
+    index = index or targets()
+    out = Scan()
+    known = list(index)
     for key, value in data.items():
         flag = "--" + str(key).replace("_", "-")
-        if flag == "--config" or flag not in actions:
-            close = difflib.get_close_matches(flag[2:], names, n=1, cutoff=0.5)
-            hint = ""
-            if close:
-                spelt = close[0].replace("-", "_") if "_" in str(key) else close[0]
-                hint = f"; did you mean {spelt!r} (--{close[0]})?"
-            raise ConfigError(f"--config {path}: unknown key {key!r}{hint}")
-        action = actions[flag]
+        target = index.get(flag) or index.get("--" + str(key))
+        where = f"{origin}: {key}"
+        if target is None or target.key == "cli.config":
+            hint = suggestion(flag, known) if target is None else "; a config file cannot name another"
+            out.problems.append(f"{where}: unknown key{hint}")
+            continue
         if value is None:
             continue
-        if isinstance(action, argparse.BooleanOptionalAction):
-            if not isinstance(value, bool):
-                raise ConfigError(f"--config {path}: {key} must be true or false (got {value!r})")
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif action.nargs == 0:  # store_true
-            if not isinstance(value, bool):
-                raise ConfigError(f"--config {path}: {key} must be true or false (got {value!r})")
-            if value:
-                argv.append(flag)
-        elif isinstance(value, (list, tuple)):
-            if action.nargs not in ("*", "+"):
-                raise ConfigError(f"--config {path}: {key} takes one value, not a list")
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            raise ConfigError(f"--config {path}: {key} takes a value, not a mapping")
-        else:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            argv += [flag, *(text.split() if action.nargs in ("*", "+") else [text])]
-    return argv
+        try:
+            given = _yaml_value(target, flag, value)
+        except ValueError as err:
+            out.problems.append(f"{where}: {err}")
+            continue
+        bad = target.setting.check(given) if target.setting is not None and given is not None else None
+        if bad:
+            out.problems.append(f"{where}: {bad}")
+            continue
+        if given is not None:
+            out.values[target.key] = Given(given, where)
+    return out
+
+
+def _yaml_value(target: Target, flag: str, value: Any) -> Any:
+    if target.nargs == 0:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false (got {value!r})")
+        if target.setting is not None and target.setting.kind == "switch":
+            return value if target.implied else not value
+        return target.implied if value else None  # `false` for a store_true flag = not given
+    if isinstance(value, dict):
+        raise ValueError("takes a value, not a mapping")
+    if isinstance(value, (list, tuple)) and target.nargs == 1:
+        raise ValueError("takes one value, not a list")
+    return target.convert(_yaml_tokens(value, target.nargs))
+
+
+# --- the parse ---------------------------------------------------------------------------------------------------
+@dataclass
+class Parsed:
+    """A validated configuration, and the lines ``pretrain`` logs about how Megatron-LM flags were taken."""
+
+    cfg: GrinConfig
+    tcfg: TrainConfig
+    notes: list
+    dry_run: bool = False
+    config_file: Optional[str] = None
+    model_source: str = ""
+    exit_missing: bool = False  # --exit-on-missing-checkpoint and nothing to load: exit 0 (as Megatron-LM)
 
 
 def world_size_from_env(env: Optional[dict] = None) -> int:
@@ -387,177 +345,120 @@ def world_size_from_env(env: Optional[dict] = None) -> int:
     return 1
 
 
-def _tokenizer_spec(ns: argparse.Namespace) -> str:
-    kind = (ns.tokenizer_type or "").lower()
-    if kind and kind not in _TOKENIZER_TYPES:
-        raise ConfigError(f"--tokenizer-type {ns.tokenizer_type}: use byte or HuggingFaceTokenizer "
-                          "(with --tokenizer-model DIR)")
-    if ns.tokenizer and ns.tokenizer_model and ns.tokenizer != ns.tokenizer_model:
-        raise ConfigError("--tokenizer and --tokenizer-model disagree; pass one of them")
-    if kind == "huggingfacetokenizer" and not (ns.tokenizer_model or ns.tokenizer):
-        raise ConfigError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR")
-    return ns.tokenizer or ns.tokenizer_model or "byte"
-
-
-def _check_architecture_flags(ns: argparse.Namespace) -> None:
-    for flag, required in ARCHITECTURE_FLAGS.items():
-        value = getattr(ns, flag[2:].replace("-", "_"))
-        if required is not None and value is not None and value != required:
-            raise ConfigError(f"{flag} {value}: GRIN uses {required}; drop the flag")
-
-
-def _model_config(ns: argparse.Namespace, explicit: set[str]) -> GrinConfig:
-    base = preset(ns.model_preset) if ns.model_preset else GrinConfig()
-    changes = {fld: getattr(ns, dest) for dest, fld in MODEL_FLAGS.items() if dest in explicit}
-    cfg = base.replace(**changes)
-    layers_per_stage = ns.num_layers_per_virtual_pipeline_stage
-    if layers_per_stage is not None:
-        pp = cfg.pipeline_model_parallel_size
-        if layers_per_stage < 1 or cfg.num_layers % (pp * layers_per_stage):
-            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {layers_per_stage}: --num-layers "
-                              f"{cfg.num_layers} must be a multiple of it x --pipeline-model-parallel-size {pp}")
-        vpp = cfg.num_layers // (pp * layers_per_stage)
-        cfg = cfg.replace(virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
-    return cfg
-
-
-def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """Dests whose flag appears in argv (YAML tokens included): those override the preset."""
-    by_flag = {s: a.dest for a in parser._actions for s in a.option_strings}
-    found = set()
-    for token in argv:
-        flag = token.split("=", 1)[0]
-        if flag in by_flag:
-            found.add(by_flag[flag])
-        elif flag.startswith("--no-") and "--" + flag[5:] in by_flag:
-            found.add(by_flag["--" + flag[5:]])
-    return found
-
-
-def _train_config(ns: argparse.Namespace, cfg: GrinConfig, world_size: int) -> TrainConfig:
-    if ns.train_iters is None:
-        raise ConfigError("--train-iters is required (0 saves the initial weights and exits)")
-    dp = world_size // (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size)
-    gbs = ns.global_batch_size if ns.global_batch_size is not None else ns.micro_batch_size * dp
-    return TrainConfig(
-        seq_length=ns.seq_length if ns.seq_length is not None else cfg.max_position_embeddings,
-        micro_batch_size=ns.micro_batch_size, global_batch_size=gbs, train_iters=ns.train_iters,
-        lr=ns.lr, min_lr=ns.min_lr, lr_decay_style=ns.lr_decay_style, lr_warmup_iters=ns.lr_warmup_iters,
-        lr_warmup_init=ns.lr_warmup_init, lr_decay_iters=ns.lr_decay_iters,
-        override_opt_param_scheduler=ns.override_opt_param_scheduler, weight_decay=ns.weight_decay,
-        adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2, adam_eps=ns.adam_eps, clip_grad=ns.clip_grad,
-        use_distributed_optimizer=ns.use_distributed_optimizer, overlap_grad_reduce=ns.overlap_grad_reduce,
-        seed=ns.seed,
-        data_path=ns.data_path or None, split=ns.split, mock_data=ns.mock_data, tokenizer=_tokenizer_spec(ns),
-        data_cache_path=ns.data_cache_path,
-        num_workers=ns.num_workers if ns.num_workers is not None else (2 if torch.cuda.is_available() else 0),
-        save=ns.save, load=ns.load, save_interval=ns.save_interval, ckpt_keep_last=ns.ckpt_keep_last,
-        ckpt_step=ns.ckpt_step, no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng, finetune=ns.finetune,
-        exit_signal_handler=ns.exit_signal_handler, exit_duration_in_mins=ns.exit_duration_in_mins,
-        exit_interval=ns.exit_interval, log_interval=ns.log_interval, eval_interval=ns.eval_interval,
-        eval_iters=ns.eval_iters, log_dir=ns.log_dir or ns.save, tensorboard_dir=ns.tensorboard_dir,
-        wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name, wandb_save_dir=ns.wandb_save_dir,
-        wandb_entity=ns.wandb_entity, peak_tflops=ns.peak_tflops, transformer_impl=ns.transformer_impl,
-        world_size=world_size, data_parallel_size=max(dp, 1),
-        num_microbatches=max(gbs // max(ns.micro_batch_size * dp, 1), 1),
-        vocab_from_tokenizer=ns.vocab_size is None,
-    )
-
-
-def _validate_batch(cfg: GrinConfig, tcfg: TrainConfig) -> None:
-    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    dp, mbs, gbs = tcfg.data_parallel_size, tcfg.micro_batch_size, tcfg.global_batch_size
-    for flag, value in (("--micro-batch-size", mbs), ("--global-batch-size", gbs), ("--seq-length", tcfg.seq_length),
-                        ("--log-interval", tcfg.log_interval), ("--save-interval", tcfg.save_interval),
-                        ("--eval-interval", tcfg.eval_interval), ("--ckpt-keep-last", tcfg.ckpt_keep_last),
-                        ("--exit-interval", tcfg.exit_interval)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1 (got {value})")
-    for flag, value in (("--train-iters", tcfg.train_iters), ("--eval-iters", tcfg.eval_iters),
-                        ("--lr-warmup-iters", tcfg.lr_warmup_iters), ("--num-workers", tcfg.num_workers)):
-        if value < 0:
-            raise ConfigError(f"{flag} must be >= 0 (got {value})")
-    if gbs % (mbs * dp):
-        raise ConfigError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel "
-                          f"size {dp} (= world {tcfg.world_size} / (TP {tp} x PP {pp})) = {mbs * dp}")
-    m = gbs // (mbs * dp)
-    if cfg.virtual_pipeline_model_parallel_size and m % pp:
-        raise ConfigError(f"the interleaved schedule needs the number of micro-batches (--global-batch-size {gbs} "
-                          f"/ (--micro-batch-size {mbs} x DP {dp}) = {m}) to be a multiple of "
-                          f"--pipeline-model-parallel-size {pp}")
-    if tcfg.seq_length > cfg.max_position_embeddings:
-        raise ConfigError(f"--seq-length {tcfg.seq_length} exceeds --max-position-embeddings "
-                          f"{cfg.max_position_embeddings}")
-    if cfg.seq_parallel and tcfg.seq_length % tp:
-        raise ConfigError(f"--seq-length {tcfg.seq_length} must be divisible by --tensor-model-parallel-size {tp} "
-                          "under sequence parallelism")
-    if not 0 <= tcfg.min_lr <= tcfg.lr:
-        raise ConfigError(f"--min-lr {tcfg.min_lr} must be in [0, --lr {tcfg.lr}]")
-    decay = tcfg.lr_decay_iters if tcfg.lr_decay_iters is not None else tcfg.train_iters
-    if tcfg.lr_warmup_iters and tcfg.lr_warmup_iters >= max(decay, 1):
-        raise ConfigError(f"--lr-warmup-iters {tcfg.lr_warmup_iters} must be smaller than --lr-decay-iters "
-                          f"(default --train-iters) {decay}")
-
-
-def _validate_files(cfg: GrinConfig, tcfg: TrainConfig) -> None:
-    if not tcfg.mock_data and not tcfg.data_path:
-        raise ConfigError("give --data-path PREFIX (from `megatron-grin preprocess`) or --mock-data")
-    if tcfg.mock_data and tcfg.data_path:
-        raise ConfigError("--mock-data and --data-path exclude each other; drop one")
-    if not tcfg.mock_data:
+def gather(argv: Sequence[str]) -> tuple[dict, list, Optional[str], bool]:
+    """(values, problems, config file, --help asked) of a command line and its --config file."""
+    index = targets()
+    cli = scan(argv, index)
+    problems = list(cli.problems)
+    config = cli.values.get("cli.config")
+    if cli.counts.get("cli.config", 0) > 1:
+        problems.append("--config given more than once: pass one file (flags on the command line override it)")
+    values, path = {}, None
+    if config is not None:
         try:
-            validate_data_path(tcfg.data_path)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    if tcfg.load:
-        check_checkpoint_config(tcfg.load, cfg, step=tcfg.ckpt_step, load_optim=not (tcfg.no_load_optim or tcfg.finetune))
+            path = config_path(config.value)
+            from_file = scan_mapping(read_yaml(path), os.path.basename(path), index)
+            values.update(from_file.values)
+            problems += from_file.problems
+        except ConfigError as err:
+            problems += err.problems
+    values.update(cli.values)
+    return values, problems, path, cli.help
 
 
-def validate(cfg: GrinConfig, tcfg: TrainConfig) -> None:
-    """Every check that needs no process group; raises ConfigError naming the flag to change."""
-    cfg.validate(tcfg.world_size)
-    try:
-        resolve_backend(cfg.expert_backend)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if tcfg.transformer_impl == "transformer_engine" and not have_transformer_engine():
-        raise ConfigError("--transformer-impl transformer_engine: Transformer Engine is not installed "
-                          "(pip install 'megatron-grin[te]'), or use --transformer-impl local")
-    _validate_batch(cfg, tcfg)
-    _validate_files(cfg, tcfg)
-
-
-def _apply_tokenizer(cfg: GrinConfig, tcfg: TrainConfig) -> GrinConfig:
-    try:
-        tokenizer = build_tokenizer(tcfg.tokenizer)
-    except ValueError as err:
-        raise ConfigError(f"--tokenizer: {err}") from None
-    if tcfg.vocab_from_tokenizer:
-        return cfg.replace(vocab_size=tokenizer.vocab_size)
-    if cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
-                          f"({tcfg.tokenizer}); drop --vocab-size to use the tokenizer's")
-    return cfg
+def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None, check: bool = True) -> Parsed:
+    """Flags (+ --config YAML) -> validated Parsed; raises ConfigError listing every problem."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values, problems, path, _ = gather(argv)
+    world = world_size_from_env() if world_size is None else world_size
+    result = resolve.resolve(values, world, megatron_flags())
+    problems += result.problems
+    if check:
+        problems += run_checks.light(result)
+    if problems:
+        raise ConfigError(_dedupe(problems))
+    dry = bool(get(values, "cli.dry_run"))
+    if check and run_checks.missing_checkpoint(result.tcfg):
+        return Parsed(result.cfg, result.tcfg, result.notes, dry_run=dry, config_file=path, exit_missing=True)
+    if check:
+        heavy = run_checks.heavy(result)
+        if heavy:
+            raise ConfigError(_dedupe(heavy))
+    return Parsed(result.cfg, result.tcfg, result.notes, dry_run=dry, config_file=path,
+                  model_source=result.model_source)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None,
                check: bool = True) -> tuple[GrinConfig, TrainConfig]:
     """Flags (+ --config YAML) -> validated (GrinConfig, TrainConfig). Raises ConfigError."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    check_flags(parser, argv)
-    pre = _Parser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=None)
-    config_path = pre.parse_known_args(argv)[0].config
-    yaml_argv = yaml_to_argv(config_path, parser) if config_path else []
-    full = yaml_argv + argv
-    ns = parser.parse_args(full)
-    _check_architecture_flags(ns)
-    explicit = _explicit_dests(parser, full)
-    world = world_size_from_env() if world_size is None else world_size
-    cfg = _model_config(ns, explicit)
-    tcfg = _train_config(ns, cfg, world)
-    cfg = _apply_tokenizer(cfg, tcfg)
-    if check:
-        validate(cfg, tcfg)
-    return cfg, tcfg
+    parsed = parse(argv, world_size, check)
+    return parsed.cfg, parsed.tcfg
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    seen, out = set(), []
+    for item in items:
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out
+
+
+# --- --help --------------------------------------------------------------------------------------------------------
+def _default_text(cls: type, name: str, s: Setting) -> str:
+    value = field_default(cls, name)
+    if s.kind in ("flag", "off"):
+        return ""
+    return f" (default: {'none' if value is None else value})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with every flag, grouped as Megatron-LM groups them (for --help and tools).
+
+    Parsing itself goes through :func:`scan`, which reports every problem at once.
+    """
+    p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False, add_help=True,
+                                usage=f"{PROG} [--config NAME|FILE.yaml] [--dry-run] [Megatron-LM flags ...]",
+                                description="Pretrain a GRIN MoE on megatron-core with Megatron-LM's flags. Every "
+                                            "Megatron-LM 0.16 flag is honoured, accepted as a logged no-op, or "
+                                            "refused with its reason (docs/training.md).")
+    groups: dict[str, Any] = {}
+
+    def group(title: str):
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        return groups[title]
+
+    for prefix, cls in OWNERS:
+        for name, s in declared(cls):
+            kw: dict[str, Any] = dict(dest=f"{prefix}.{name}", help=s.help + _default_text(cls, name, s))
+            if s.kind == "switch":
+                kw.update(action=argparse.BooleanOptionalAction, default=None)
+            elif s.kind in ("flag", "off"):
+                kw.update(action="store_true")
+            else:
+                kw.update(metavar=s.metavar or (name.upper() if not s.choices else None), nargs=s.nargs,
+                          choices=s.choices)
+            group(s.group).add_argument(*s.flags, **kw)
+    for m in megatron_flags():
+        if m.answer is None:
+            continue
+        kw = dict(dest=f"megatron.{m.name}", help=_answer_text(m))
+        if m.takes_values():
+            kw.update(metavar="V", nargs=m.nargs if m.kind == "list" else None)
+        else:
+            kw.update(action="store_true")
+        group(m.group).add_argument(*m.flags, **kw)
+    return p
+
+
+def _answer_text(m: MegatronFlag) -> str:
+    a = m.answer
+    if a.passthrough:
+        return f"{m.help} (default: {m.default}; passed to megatron-core)"
+    if a.any_note is not None:
+        return f"accepted, no-op: {a.any_note}"
+    ours = "set" if a.ours is True and not m.takes_values() else a.ours
+    if m.kind == "store_true" and a.ours is False or (m.kind == "store_false" and a.ours is True):
+        return f"refused: {a.reason}"
+    return f"no-op at {ours}; other values refused: {a.reason}"

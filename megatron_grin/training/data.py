@@ -11,28 +11,23 @@ by Megatron-LM's tools/preprocess_data.py work here and vice versa. See docs/dat
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import importlib
 import logging
 import operator
 import os
-import re
 import shutil
 import subprocess
 import tempfile
-from functools import cache
 from typing import Callable, Iterator, Sequence
 
 import megatron.core.datasets as mcd
 import torch
-from megatron.core.datasets.blended_dataset import BlendedDataset
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from megatron_grin.training.data_files import parse_data_path, read_idx_info
+from megatron_grin import compat
+from megatron_grin.training.data_files import check_splits, default_cache_root, parse_data_path, read_idx_info
 from megatron_grin.training.tokenizer import MegatronTokenizerAdapter, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,7 +49,6 @@ def ensure_helpers() -> None:
         return
     except ImportError:
         pass
-
 
     src_dir = os.path.dirname(os.path.abspath(mcd.__file__))
     if not os.path.isfile(os.path.join(src_dir, "Makefile")):
@@ -84,19 +78,6 @@ def ensure_helpers() -> None:
         importlib.import_module("megatron.core.datasets.helpers_cpp")
 
 
-_SPLIT_PART = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*")
-
-
-def _parse_split(split: str) -> list[float]:
-    """--split "98,2,0" -> normalized [train, valid, test] shares, with an error naming the flag."""
-    parts = split.replace("/", ",").split(",") if isinstance(split, str) else []
-    matches = [_SPLIT_PART.fullmatch(p) for p in parts]
-    if not 1 <= len(parts) <= 3 or not all(matches) or sum(float(m.group(1)) for m in matches) <= 0:
-        raise ValueError(f"--split {split!r}: give up to three non-negative weights, e.g. 98,2,0")
-    values = [float(m.group(1)) for m in matches] + [0.0] * (3 - len(parts))
-    return [v / sum(values) for v in values]
-
-
 def _data_fingerprint(prefixes: Sequence[str]) -> str:
     """Content fingerprint of the datasets, so re-preprocessing a prefix never reuses stale indices.
 
@@ -113,40 +94,6 @@ def _data_fingerprint(prefixes: Sequence[str]) -> str:
             f.seek(max(0, size - (1 << 20)))
             h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
-
-
-def _check_splits_nonempty(infos: list[dict], shares: list[float], sizes: list[int]) -> None:
-    """megatron 0.16.1 loops forever building a split that got zero documents; fail fast instead."""
-
-    matrix = convert_split_vector_to_split_matrix(shares)
-    for info in infos:
-        n = info["sequences"]
-        for name, bookends, size in zip(("train", "valid", "test"), matrix, sizes):
-            if bookends is None or size == 0:
-                continue
-            if int(round(bookends[1] * n)) == int(round(bookends[0] * n)):
-                raise ValueError(
-                    f"--split gives the {name} split 0 of the {n} documents in {info['prefix']}; "
-                    f"add documents, raise its share in --split, or request 0 {name} samples"
-                )
-
-
-@cache
-def _builder_class() -> type:
-    """BlendedMegatronDatasetBuilder, fixed for single-process blends (defined lazily: megatron is heavy)."""
-
-    class Builder(BlendedMegatronDatasetBuilder):
-        @staticmethod
-        def build_generic_dataset(dataset_cls, is_built_on_rank, synchronize_ranks, *args):
-            # megatron 0.16.1 BlendedDataset calls torch.distributed.get_rank() on a cache miss even
-            # without a process group; single-process, skip its (cheap to rebuild) cache instead.
-            if dataset_cls is BlendedDataset and not torch.distributed.is_initialized():
-                args = (*args[:-1], dataclasses.replace(args[-1], path_to_cache=None))
-            return BlendedMegatronDatasetBuilder.build_generic_dataset(
-                dataset_cls, is_built_on_rank, synchronize_ranks, *args
-            )
-
-    return Builder
 
 
 def build_datasets(
@@ -186,18 +133,19 @@ def build_datasets(
             f"{train_samples}, {valid_samples}, {test_samples}"
         )
     adapter = tokenizer if isinstance(tokenizer, MegatronTokenizerAdapter) else MegatronTokenizerAdapter(tokenizer)
+    compat.apply_security()  # megatron reads its index caches with numpy.load(allow_pickle=True)
     ensure_helpers()
 
     blend, path_to_cache, dataset_cls = None, None, MockGPTDataset
     if not mock:
         if data_path is None:
             raise ValueError("--data-path is required unless --mock-data is set")
-        shares = _parse_split(split)
         prefixes, weights = parse_data_path(data_path)
-        infos = [read_idx_info(p) for p in prefixes]
-        _check_splits_nonempty(infos, shares, sizes)
+        problems = check_splits([read_idx_info(p) for p in prefixes], weights, split, sizes)
+        if problems:
+            raise ValueError(" ".join(problems))
         blend, dataset_cls = (prefixes, weights), GPTDataset
-        cache_root = data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "cache")
+        cache_root = default_cache_root(prefixes, data_cache_path)
         path_to_cache = os.path.join(cache_root, "data-" + _data_fingerprint(prefixes))
 
     config = GPTDatasetConfig(
@@ -212,7 +160,9 @@ def build_datasets(
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=create_attention_mask,
     )
-    builder = _builder_class()(dataset_cls, sizes, is_built_on_rank or (lambda: True), config)
+    if not mock:  # a split asked for 0 samples is not built: megatron would still index it (and hang if empty)
+        config.split_matrix = [None if not n else ends for ends, n in zip(config.split_matrix, sizes)]
+    builder = compat.dataset_builder_class()(dataset_cls, sizes, is_built_on_rank or (lambda: True), config)
     train, valid, test = builder.build()
     return train, valid, test
 

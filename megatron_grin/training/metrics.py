@@ -33,27 +33,16 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.utils import unwrap_model
 from tqdm import tqdm
 
+from megatron_grin import accounting
 from megatron_grin.config import GrinConfig
-from megatron_grin.model.build import parameter_counts
 from megatron_grin.model.router import RouterStats, SparseMixerV2Router
 
 log = logging.getLogger(__name__)
 
-#: Dense bf16 peak TFLOP/s per device (vendor datasheets, SXM parts); fp32 training uses the TF32 column.
-PEAK_TFLOPS = {  # name fragment: (bf16, tf32)
-    "H200": (989.4, 494.7), "H100": (989.4, 494.7), "H800": (989.4, 494.7), "GH200": (989.4, 494.7),
-    "B200": (2250.0, 1100.0), "A100": (312.0, 156.0), "A800": (312.0, 156.0), "L40S": (362.1, 181.0),
-    "A10G": (70.0, 35.0), "A10": (125.0, 62.5),
-}
-
-
 # --- FLOPs and peak ------------------------------------------------------------------------------------------
 def flops_per_token(cfg: GrinConfig, seq_length: int) -> float:
-    """Training FLOPs per token: 6 x active matmul parameters + 12 x L x heads x head_dim x seq (PaLM)."""
-
-    active_matmul = parameter_counts(cfg)["active"] - cfg.vocab_size * cfg.hidden_size  # embedding is a lookup
-    attention = 12 * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim * seq_length
-    return 6.0 * active_matmul + attention
+    """Training FLOPs per token in the package's one convention (accounting.flops_per_token)."""
+    return accounting.flops_per_token(cfg, seq_length)["total"]
 
 
 def measured_peak_flops(dtype: torch.dtype, device: str) -> float:
@@ -73,43 +62,57 @@ def measured_peak_flops(dtype: torch.dtype, device: str) -> float:
     return 2.0 * n**3 * reps / (time.perf_counter() - start)
 
 
-def peak_flops_per_device(cfg: GrinConfig, peak_tflops: Optional[float]) -> tuple[float, str]:
-    """(FLOP/s, where the number comes from): --peak-tflops, the datasheet table, else a measurement."""
+def peak_flops_per_device(cfg: GrinConfig, peak_tflops: Optional[float],
+                          device: Optional[str] = None) -> tuple[float, str]:
+    """(FLOP/s, where the number comes from): --peak-tflops, the datasheet (accounting.DEVICES), else a
+    measurement. ``device`` defaults to CUDA when available."""
     if peak_tflops:
         return peak_tflops * 1e12, "--peak-tflops"
-    if torch.cuda.is_available():
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
         name = torch.cuda.get_device_name()
-        for fragment, (bf16, tf32) in PEAK_TFLOPS.items():
-            if fragment in name:
-                return (bf16 if cfg.bf16 else tf32) * 1e12, f"datasheet {fragment}"
-        dtype, device = (torch.bfloat16 if cfg.bf16 else torch.float32), "cuda"
+        tflops = accounting.datasheet_peak_tflops(name, bf16=cfg.bf16)
+        if tflops is not None:
+            return tflops * 1e12, f"datasheet {accounting.device_entry(name)[0]}"
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     else:
-        dtype, device = torch.float32, "cpu"  # CPU bf16 GEMMs are emulated on most parts: fp32 is the peak
+        dtype = torch.float32  # CPU bf16 GEMMs are emulated on most parts: fp32 is the peak
     return measured_peak_flops(dtype, device), f"measured {device} matmul"
 
 
-def memory_bytes() -> tuple[float, float]:
-    """(current, peak) bytes: allocated GPU memory on CUDA, else the process RSS."""
+def memory_bytes() -> tuple[float, float, float]:
+    """(current, peak, peak reserved) bytes: the CUDA caching allocator's allocated / max allocated / max
+    reserved on CUDA (host counters: no device sync), else the process RSS (current, peak, peak)."""
     if torch.cuda.is_available():
-        return float(torch.cuda.memory_allocated()), float(torch.cuda.max_memory_allocated())
+        return (float(torch.cuda.memory_allocated()), float(torch.cuda.max_memory_allocated()),
+                float(torch.cuda.max_memory_reserved()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
     try:
         with open("/proc/self/statm") as f:
             current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         current = peak
-    return float(current), peak
+    return float(current), peak, peak
 
 
 def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """All-reduce a small CPU tensor over the world (via the GPU under NCCL); returns it on the CPU."""
+    """All-reduce a small tensor over the world, in place where the backend takes its device; returns the
+    result on the tensor's device. NCCL only reduces CUDA tensors, so a CPU tensor goes through the current
+    GPU and back (a host sync: callers keep such tensors off the per-step path)."""
     op = torch.distributed.ReduceOp.SUM if op is None else op
-    if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
-        on_device = tensor.cuda()
+    if tensor.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+        on_device = tensor.to(torch.cuda.current_device())
         torch.distributed.all_reduce(on_device, op=op)
         return on_device.cpu()
     torch.distributed.all_reduce(tensor, op=op)
     return tensor
+
+
+def _comm_device() -> torch.device:
+    """Where this rank's collectives run: the current GPU under NCCL, else the CPU."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # --- MoE metrics (collective) --------------------------------------------------------------------------------
@@ -125,12 +128,15 @@ def collect_moe_metrics(model: list, cfg: GrinConfig, microbatches: int) -> dict
 
     width = cfg.num_experts + 5
     found = routers(model)
-    device = next(found[0].parameters()).device if found else None  # stats live where the router runs
+    # The stats live where the routers run (no CPU table may meet them: the first H200 run crashed here).
+    device = next(found[0].parameters()).device if found else _comm_device()
     table = torch.zeros(cfg.num_layers, width, dtype=torch.float64, device=device)
     for router in found:
         table[router.layer_number - 1] += router.stats.as_tensor(device=device)
         router.stats.reset()
-    table = all_reduce(table)
+    # One device->host copy per log interval (the summaries are host numbers); summarize() then reads
+    # host memory instead of syncing once per value and layer.
+    table = all_reduce(table).cpu()
     per_layer = {i + 1: RouterStats.summarize(table[i], cfg.num_experts) for i in range(cfg.num_layers)}
     out: dict[str, Any] = {"per_layer": per_layer}
     for key in next(iter(per_layer.values())):
@@ -151,6 +157,7 @@ def _balance_loss(cfg: GrinConfig, microbatches: int) -> Optional[list[float]]:
     if "load_balancing_loss" not in tracker:
         return None
     reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+    # one device->host copy per log interval: the values go to the log
     values = (tracker["load_balancing_loss"]["values"].double() / max(microbatches, 1)).tolist()
     clear_aux_losses_tracker()
     return values[: cfg.num_layers]
@@ -180,6 +187,7 @@ class RunTotals:
     seconds: float = 0.0
     tokens: int = 0
     mfu: list = field(default_factory=list)
+    peak_memory: tuple = ()  # the last interval's memory_bytes() (max over ranks)
     eval_losses: list = field(default_factory=list)
 
 
@@ -293,19 +301,23 @@ class MetricsLogger:
         world = self.tcfg.world_size
         return tokens_per_second * self.flops_per_token / (self.peak * world) if self.peak else float("nan")
 
-    def interval(self, iteration: int, moe: dict, memory: tuple[float, float]) -> None:
-        """Once per --log-interval, after collect_moe_metrics (same values on every rank)."""
+    def interval(self, iteration: int, moe: dict, memory: tuple[float, ...]) -> None:
+        """Once per --log-interval, after collect_moe_metrics (same values on every rank); ``memory`` is
+        memory_bytes() (current, peak, peak reserved), the maximum over ranks."""
         if not self.enabled or not self.window.steps:
             return
         w = self.window
         tok_s = w.tokens / w.seconds
         mfu = self._mfu(tok_s)
         self.totals.mfu.append(mfu)
+        self.totals.peak_memory = tuple(memory)
         gib = 2.0**30
         scalars = {"train/loss": w.mean_loss(), "train/lr": self._lr, "train/grad_norm": w.grad_norm,
                    "perf/tokens_per_second": tok_s, "perf/tokens_per_second_per_device": tok_s / self.tcfg.world_size,
                    "perf/mfu": mfu, "perf/step_seconds": w.seconds / w.steps,
                    "memory/current_gib": memory[0] / gib, "memory/peak_gib": memory[1] / gib}
+        if len(memory) > 2:
+            scalars["memory/peak_reserved_gib"] = memory[2] / gib
         for key in ("load_balancing_loss", "tokens_per_expert_cv", "tokens_per_expert_cv_max",
                     "experts_without_tokens", "router_entropy", "sampled_not_argmax_share", "heun_full_share"):
             if key in moe:
@@ -352,6 +364,8 @@ class MetricsLogger:
             "tokens": t.tokens, "tokens_per_second": t.tokens / t.seconds if t.seconds else None,
             "mfu_mean": sum(t.mfu) / len(t.mfu) if t.mfu else None, "peak_flops_per_device": self.peak,
             "peak_source": self.peak_source, "flops_per_token": self.flops_per_token,
+            "peak_memory_gib": t.peak_memory[1] / 2.0**30 if len(t.peak_memory) > 1 else None,
+            "peak_reserved_gib": t.peak_memory[2] / 2.0**30 if len(t.peak_memory) > 2 else None,
         }
         if self.log_dir:
             summary["loss_curve"] = plot_loss_curve(os.path.join(self.log_dir, "metrics.jsonl"),

@@ -1,7 +1,8 @@
 """Preprocessing: text -> megatron-core indexed datasets (``megatron-grin preprocess``), and a built-in corpus.
 
     megatron-grin preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer byte
-    stats = preprocess(["corpus.jsonl"], "data/corpus", tokenizer)
+        # -> data/corpus_text_document.{bin,idx}, named as Megatron-LM's tools/preprocess_data.py names them
+    stats = preprocess(["corpus.jsonl"], "data/corpus_text_document", tokenizer)   # the exact dataset prefix
     paths = stdlib_corpus("data")   # the running Python's standard library as plain-text documents
 
 The on-disk format is megatron-core's own (``<prefix>.bin`` / ``<prefix>.idx``), so datasets made
@@ -227,16 +228,23 @@ _UNSUPPORTED_FLAGS = {
 }
 
 
+def dataset_prefix(output_prefix: str, json_key: str = "text") -> str:
+    """Megatron-LM's tools/preprocess_data.py: ``{output_prefix}_{key}_document`` (one sequence per document)."""
+    return f"{output_prefix}_{json_key}_document"
+
+
 def build_parser(prog: str = "megatron-grin preprocess") -> argparse.ArgumentParser:
     """Flags follow Megatron-LM's tools/preprocess_data.py where one exists."""
     p = argparse.ArgumentParser(
         prog=prog,
         allow_abbrev=False,
         description="Tokenize JSONL (.jsonl/.json: one object per line) or plain-text files (one "
-        "document per file) into a megatron indexed dataset PREFIX.bin / PREFIX.idx.",
+        "document per file) into a megatron indexed dataset PREFIX_text_document.bin / .idx.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="input files, in order")
-    p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                   help="writes PREFIX_<json key>_document.bin/.idx, as Megatron-LM's preprocess_data.py; "
+                        "train with --data-path PREFIX_text_document")
     p.add_argument("--tokenizer", metavar="byte|DIR", help="'byte' or a local HF tokenizer directory")
     p.add_argument("--tokenizer-model", metavar="DIR", help="Megatron-LM alias of --tokenizer DIR")
     p.add_argument(
@@ -257,10 +265,10 @@ def build_parser(prog: str = "megatron-grin preprocess") -> argparse.ArgumentPar
 
 
 def _check_unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    for flag, hint in unknown_flags(parser, argv)[:1]:
-        if flag in _UNSUPPORTED_FLAGS:
-            parser.error(f"{flag} is not supported: {_UNSUPPORTED_FLAGS[flag]}")
-        parser.error(f"unrecognized argument {flag}{hint}")
+    found = [f"{flag} is not supported: {_UNSUPPORTED_FLAGS[flag]}" if flag in _UNSUPPORTED_FLAGS
+             else f"unrecognized argument {flag}{hint}" for flag, hint in unknown_flags(parser, argv)]
+    if found:
+        parser.error("; ".join(found))
 
 
 def _tokenizer_spec(args: argparse.Namespace) -> str:
@@ -287,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--json-keys takes one key here, got {args.json_keys}; run once per key")
         stats = preprocess(
             args.input,
-            args.output_prefix,
+            dataset_prefix(args.output_prefix, args.json_keys[0]),
             build_tokenizer(_tokenizer_spec(args)),
             json_key=args.json_keys[0],
             append_eod=args.append_eod,
@@ -298,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         f"wrote {stats['bin']} and {stats['idx']}: {stats['documents']} documents, "
-        f"{stats['tokens']} tokens ({stats['dtype']}), {stats['skipped']} empty skipped"
+        f"{stats['tokens']} tokens ({stats['dtype']}), {stats['skipped']} empty skipped; "
+        f"train with --data-path {stats['bin'][:-4]}"
     )
     return 0
 

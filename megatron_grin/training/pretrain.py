@@ -1,7 +1,8 @@
 """``megatron-grin pretrain``: check every flag first (no megatron-core import), then train.
 
-Parsing and validation stay light, so a bad command line is answered in about a second; megatron-core,
-torch.distributed and the model load only for a configuration that passed.
+Parsing and validation stay light, so a bad command line is answered in well under two seconds with every
+problem at once; megatron-core, torch.distributed and the model load only for a configuration that passed.
+``--dry-run`` prints the resolved model and run instead of starting; ``--help`` lists every flag.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import logging
 import os
 import sys
 import time
-import warnings
 from typing import Optional
 
+from megatron_grin.cli import quiet_missing_extras
 from megatron_grin.config import ConfigError
-from megatron_grin.training.arguments import PROG, parse_args
+from megatron_grin.training.arguments import PROG, build_parser, parse
+from megatron_grin.training.dry_run import report
+
+log = logging.getLogger("megatron_grin.training.pretrain")
 
 
 def setup_logging() -> None:
@@ -24,22 +28,42 @@ def setup_logging() -> None:
                         format=f"[%(asctime)s grin r{rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     for noisy in ("megatron", "torch.distributed", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # "TE/Apex not installed, falling back to torch" (CPU and plain-torch installs)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    quiet_missing_extras()
+
+
+def print_problems(problems: list[str]) -> None:
+    head = "error" if len(problems) == 1 else f"{len(problems)} problems"
+    lines = [f"{PROG}: {head}:"] + [f"  - {p}" for p in problems]
+    print("\n".join(lines), file=sys.stderr)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``megatron-grin pretrain``; returns the exit status (2 for bad flags)."""
     start = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        try:
+            print(build_parser().format_help())
+        except BrokenPipeError:  # `--help | head`
+            sys.stderr.close()
+        return 0
     setup_logging()
     try:
-        cfg, tcfg = parse_args(argv)
+        parsed = parse(argv)
     except ConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print_problems(err.problems)
         return 2
+    if parsed.exit_missing:
+        print(f">> '--exit-on-missing-checkpoint' set: --load {parsed.tcfg.load} holds no checkpoint, exiting. <<")
+        return 0
+    if parsed.dry_run:
+        print(report(parsed))
+        return 0
+    for note in parsed.notes:
+        log.info("%s", note)
     from megatron_grin.training.trainer import run  # lazy dispatch: megatron-core loads only for a valid run
 
-    return run(cfg, tcfg, start)
+    return run(parsed.cfg, parsed.tcfg, start)
 
 
 if __name__ == "__main__":

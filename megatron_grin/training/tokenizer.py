@@ -6,6 +6,9 @@ megatron-core's datasets read from ``GPTDatasetConfig.tokenizer``.
 
     tok = build_tokenizer("byte")              # no files needed: ids 0..255 are raw UTF-8 bytes
     tok = build_tokenizer("/models/grin-tok")  # a local directory saved by save_pretrained()
+    tok = build_tokenizer("null:128256")       # Megatron-LM's NullTokenizer (pre-tokenized or mock data)
+
+The spec string is what a checkpoint records (GrinConfig.tokenizer), so `convert to-hf` can rebuild it.
 """
 
 from __future__ import annotations
@@ -78,6 +81,39 @@ class ByteTokenizer:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
 
 
+class NullTokenizer:
+    """Megatron-LM's NullTokenizer: no vocabulary, ids are the data's; ``--vocab-size N`` gives N + 1 ids, eod = N.
+
+    Text "1 2 3" encodes to [1, 2, 3], as Megatron-LM's does (pre-tokenized data, mock data, benchmarks).
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"NullTokenizer needs --vocab-size >= 1, got {vocab_size}")
+        self._n = int(vocab_size)
+        self.spec = f"null:{self._n}"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n + 1
+
+    @property
+    def eod(self) -> int:
+        return self._n
+
+    bos = None
+    pad = None
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def __repr__(self) -> str:
+        return f"NullTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local directory (never the network, never remote code)."""
 
@@ -139,13 +175,41 @@ class HFTokenizer:
         return f"HFTokenizer({self.spec!r}, vocab_size={self.vocab_size}, eod={self.eod})"
 
 
-def build_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    """"byte" selects :class:`ByteTokenizer`; anything else is a local tokenizer directory."""
+def build_tokenizer(spec: str) -> ByteTokenizer | NullTokenizer | HFTokenizer:
+    """"byte" selects :class:`ByteTokenizer`, "null:N" :class:`NullTokenizer`; anything else is a local directory."""
     if not isinstance(spec, str) or not spec:
         raise ValueError("--tokenizer must be 'byte' or a local tokenizer directory, got an empty value")
     if spec == "byte":
         return ByteTokenizer()
+    if spec.startswith("null:"):
+        return NullTokenizer(int(spec[5:]))
     return HFTokenizer(spec)
+
+
+def static_vocab_size(spec: str) -> int | None:
+    """The vocabulary of a tokenizer that needs no files (byte, null:N), else None (read the directory)."""
+    if spec == "byte":
+        return ByteTokenizer().vocab_size
+    if spec.startswith("null:"):
+        return int(spec[5:]) + 1
+    return None
+
+
+#: files save_pretrained() writes, one of which a Hugging Face tokenizer directory must have
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_dir_problem(path: str) -> str | None:
+    """Cheap check of a tokenizer directory (no transformers import): why it cannot be one, or None."""
+    if not os.path.isdir(path):
+        if os.path.isfile(path):
+            return (f"tokenizer {path} is a file; megatron-grin reads a Hugging Face tokenizer directory: "
+                    "AutoTokenizer.from_pretrained(...).save_pretrained(DIR), then --tokenizer-model DIR")
+        return f"tokenizer directory {path} does not exist"
+    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES):
+        return (f"tokenizer directory {path} has none of {', '.join(HF_TOKENIZER_FILES)}; write it with "
+                "tokenizer.save_pretrained(DIR)")
+    return None
 
 
 class MegatronTokenizerAdapter:
@@ -157,7 +221,7 @@ class MegatronTokenizerAdapter:
     megatron's own "no pad" value, so genuine eod tokens are never masked out as padding.
     """
 
-    def __init__(self, tokenizer: ByteTokenizer | HFTokenizer) -> None:
+    def __init__(self, tokenizer: ByteTokenizer | NullTokenizer | HFTokenizer) -> None:
         self.tokenizer = tokenizer
         self.unique_identifiers = OrderedDict(
             [("class", type(tokenizer).__name__), ("spec", tokenizer.spec), ("vocab_size", tokenizer.vocab_size)]

@@ -1,6 +1,6 @@
 """``megatron-grin pretrain``: start the process groups, build GRIN on megatron-core, train, checkpoint.
 
-    megatron-grin pretrain --config configs/local.yaml                       # one process (CPU or GPU)
+    megatron-grin pretrain --config local                                    # one process (CPU or GPU)
     torchrun --nproc-per-node 8 -m megatron_grin pretrain --config run.yaml  # one rank per GPU
     srun python -m megatron_grin pretrain ...                                # one Slurm task per rank
 
@@ -23,6 +23,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,15 +42,17 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_grin import compat
+from megatron_grin.accounting import parameter_counts
 from megatron_grin.ckpt_format import iteration_dir
-from megatron_grin.config import GrinConfig
+from megatron_grin.config import ConfigError, GrinConfig
 from megatron_grin.model import build as grin_model
 from megatron_grin.model import routing_rng
-from megatron_grin.model.build import parameter_counts
-from megatron_grin.training import data
-from megatron_grin.training.arguments import TrainConfig
-from megatron_grin.training.checkpointing import Checkpointer, TrainState
+from megatron_grin.training import data, preflight
+from megatron_grin.training.run_config import TrainConfig
+from megatron_grin.training.checkpointing import Checkpointer, TrainState, resume_facts
+from megatron_grin.training.ckpt_choice import agree, choose_checkpoint, open_save_dir, resumes_from_save
 from megatron_grin.training.data import get_batch
+from megatron_grin.training.run_control import RunControl, param_sync_funcs
 from megatron_grin.training.metrics import MetricsLogger, all_reduce, collect_moe_metrics, memory_bytes, routers
 from megatron_grin.training.tokenizer import build_tokenizer
 
@@ -93,7 +96,7 @@ def dist_env(env: Optional[dict] = None) -> DistEnv:
     return DistEnv(0, 1, 0)
 
 
-def init_distributed(cfg: GrinConfig) -> DistEnv:
+def init_distributed(cfg: GrinConfig, timeout_minutes: int = 10) -> DistEnv:
     """torch.distributed + megatron parallel state for cfg's TP/PP/VPP layout."""
 
     env = dist_env()
@@ -101,7 +104,7 @@ def init_distributed(cfg: GrinConfig) -> DistEnv:
     if cuda:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     backend = "nccl" if cuda else "gloo"
-    timeout = timedelta(minutes=30)
+    timeout = timedelta(minutes=timeout_minutes)  # --distributed-timeout-minutes
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
@@ -113,13 +116,12 @@ def init_distributed(cfg: GrinConfig) -> DistEnv:
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
         expert_model_parallel_size=cfg.expert_model_parallel_size,
-        distributed_timeout_minutes=30)
+        distributed_timeout_minutes=timeout_minutes)
     return env
 
 
 def set_seed(seed: int) -> None:
     """Megatron-LM's seeding: one seed per pipeline stage, TP ranks get theirs from the RNG tracker."""
-
 
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
@@ -131,7 +133,6 @@ def set_seed(seed: int) -> None:
 # --- model, optimizer --------------------------------------------------------------------------------------
 def build_model(cfg: GrinConfig, tcfg: TrainConfig) -> tuple[list, object]:
     """Model chunks of this rank (one per virtual stage), in DistributedDataParallel; and their config."""
-
 
     use_te = None if tcfg.transformer_impl is None else tcfg.transformer_impl == "transformer_engine"
     # With PP=2 and virtual stages both pipeline neighbours are the same rank, and batched send/recv pairs
@@ -151,8 +152,8 @@ def build_model(cfg: GrinConfig, tcfg: TrainConfig) -> tuple[list, object]:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(Float16Module(tconfig, chunk) if cfg.bf16 else chunk)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=tcfg.overlap_grad_reduce,
-        use_distributed_optimizer=tcfg.use_distributed_optimizer)
+        grad_reduce_in_fp32=not tcfg.grad_reduce_in_bf16, overlap_grad_reduce=tcfg.overlap_grad_reduce,
+        use_distributed_optimizer=tcfg.use_distributed_optimizer, overlap_param_gather=tcfg.overlap_param_gather)
     model = [DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=i > 0)
              for i, chunk in enumerate(chunks)]
     for m in model:
@@ -168,15 +169,8 @@ def build_optimizer(model: list, cfg: GrinConfig, tcfg: TrainConfig, tconfig) ->
         adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_eps=tcfg.adam_eps, clip_grad=tcfg.clip_grad,
         bf16=cfg.bf16, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         use_distributed_optimizer=tcfg.use_distributed_optimizer), model)
-    gbs = tcfg.global_batch_size
-    decay_iters = max(tcfg.lr_decay_iters if tcfg.lr_decay_iters is not None else tcfg.train_iters, 1)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=tcfg.lr_warmup_init, max_lr=tcfg.lr, min_lr=tcfg.min_lr,
-        lr_warmup_steps=tcfg.lr_warmup_iters * gbs, lr_decay_steps=decay_iters * gbs,
-        lr_decay_style=tcfg.lr_decay_style, start_wd=tcfg.weight_decay, end_wd=tcfg.weight_decay,
-        wd_incr_steps=max(tcfg.train_iters, 1) * gbs, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=not tcfg.override_opt_param_scheduler,
-        override_opt_param_scheduler=tcfg.override_opt_param_scheduler)
+    # Megatron-LM's get_optimizer_param_scheduler: steps in samples, iteration- or sample-based (run_config.py)
+    scheduler = OptimizerParamScheduler(optimizer, **tcfg.scheduler_kwargs())
     # Wire megatron's schedule hooks the way Megatron-LM's training loop does.
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.finalize_model_grads_func = finalize_model_grads
@@ -185,6 +179,7 @@ def build_optimizer(model: list, cfg: GrinConfig, tcfg: TrainConfig, tconfig) ->
         grad_sync = [m.start_grad_sync for m in model]
         tconfig.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
         tconfig.grad_sync_func = grad_sync[0] if len(model) == 1 else grad_sync
+    tconfig.param_sync_func = param_sync_funcs(model, tcfg)  # --overlap-param-gather
     return optimizer, scheduler
 
 
@@ -199,21 +194,23 @@ def sample_counts(tcfg: TrainConfig) -> tuple[int, int]:
 def build_data(cfg: GrinConfig, tcfg: TrainConfig, chunks: int, consumed_train: int, consumed_valid: int):
     """(train iterators, valid iterators or None): one iterator per model chunk, at the saved position."""
 
-
     train_samples, valid_samples = sample_counts(tcfg)
     if tcfg.mock_data:  # megatron warns that it cannot cache the (synthetic) indices: expected, not news
         logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
     train_ds, valid_ds, _ = data.build_datasets(
         tcfg.data_path, tcfg.split, tcfg.seq_length, tcfg.seed, max(train_samples, 1), valid_samples, 0,
         build_tokenizer(tcfg.tokenizer), mock=tcfg.mock_data, data_cache_path=tcfg.data_cache_path,
+        eod_mask_loss=tcfg.eod_mask_loss, reset_position_ids=tcfg.reset_position_ids,
         create_attention_mask=False)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    # --num-workers: Megatron-LM's 2 on GPU; none on CPU, where workers only compete with the compute threads
+    workers = tcfg.num_workers if tcfg.num_workers is not None else (2 if torch.cuda.is_available() else 0)
 
     def iterators(ds, consumed, cyclic):
         if ds is None:
             return None
         its = [data.make_data_iterator(ds, tcfg.micro_batch_size, consumed, dp_rank, dp_size,
-                                       num_workers=tcfg.num_workers, cyclic=cyclic) for _ in range(chunks)]
+                                       num_workers=workers, cyclic=cyclic) for _ in range(chunks)]
         return its if chunks > 1 else its[0]
 
     return iterators(train_ds, consumed_train, False), iterators(valid_ds, consumed_valid, True)
@@ -237,14 +234,17 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def _local_loss_sums(losses: list) -> torch.Tensor:
-    """[loss sum, tokens] over this rank's micro-batches; zero except on last-stage TP rank 0."""
+def model_device(model: list) -> torch.device:
+    """Where this rank's model (and so its per-step bookkeeping) lives."""
+    return next(model[0].parameters()).device
 
-    out = torch.zeros(2, dtype=torch.float64)
+
+def _local_loss_sums(losses: list, device: torch.device) -> torch.Tensor:
+    """[loss sum, tokens] over this rank's micro-batches, on ``device`` (no host sync); zero except on the
+    last-stage TP rank 0."""
     if losses and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage(ignore_virtual=True):
-        for item in losses:
-            out += item["lm loss"].double().cpu()
-    return out
+        return torch.stack([item["lm loss"] for item in losses]).to(device=device, dtype=torch.float64).sum(0)
+    return torch.zeros(2, dtype=torch.float64, device=device)
 
 
 def run_schedule(model: list, data_iterator, tcfg: TrainConfig, forward_only: bool) -> list:
@@ -254,16 +254,21 @@ def run_schedule(model: list, data_iterator, tcfg: TrainConfig, forward_only: bo
         seq_length=tcfg.seq_length, micro_batch_size=tcfg.micro_batch_size, forward_only=forward_only)
 
 
-def train_step(model: list, optimizer, scheduler, data_iterator, tcfg: TrainConfig) -> tuple:
+def train_step(model: list, optimizer, scheduler, data_iterator, tcfg: TrainConfig,
+               control: Optional[RunControl] = None) -> tuple:
     """Forward/backward over the global batch and one optimizer step; (local loss sums, grad norm)."""
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
     losses = run_schedule(model, data_iterator, tcfg, forward_only=False)
-    updated, grad_norm, _ = optimizer.step()
+    if control is not None:
+        control.before_optimizer_step()  # --empty-unused-memory-level
+    updated, grad_norm, _ = optimizer.step()  # megatron's step reads found-inf and the grad norm on the host
+    if control is not None:
+        control.after_optimizer_step()
     if updated:
         scheduler.step(increment=tcfg.global_batch_size)
-    return _local_loss_sums(losses), grad_norm
+    return _local_loss_sums(losses, model_device(model)), grad_norm
 
 
 def evaluate(model: list, data_iterator, tcfg: TrainConfig) -> float:
@@ -272,17 +277,18 @@ def evaluate(model: list, data_iterator, tcfg: TrainConfig) -> float:
     kept = [(r, copy.deepcopy(r.stats)) for r in routers(model)]
     for m in model:
         m.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    device = model_device(model)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for _ in range(tcfg.eval_iters):
-            total += _local_loss_sums(run_schedule(model, data_iterator, tcfg, forward_only=True))
+            total += _local_loss_sums(run_schedule(model, data_iterator, tcfg, forward_only=True), device)
     for m in model:
         m.train()
     for router, stats in kept:
         router.stats = stats
 
-    total = all_reduce(total)
-    return float(total[0] / total[1])
+    total = all_reduce(total).tolist()  # one host sync per evaluation
+    return total[0] / total[1] if total[1] else float("nan")
 
 
 # --- run control -------------------------------------------------------------------------------------------
@@ -311,28 +317,39 @@ class StepResult:
     loss: float
     stop_reason: Optional[str]
     signalled: bool = False  # some rank got SIGTERM/SIGUSR1 (the same on every rank)
+    loss_scale: float = 1.0
 
 
-def reduce_step(local: torch.Tensor, signals: ExitSignals, deadline: Optional[float]) -> StepResult:
-    """One all-reduce per step: the global loss, and which stop conditions hold on any rank."""
+def reduce_step(local: torch.Tensor, signals: ExitSignals, deadline: Optional[float],
+                loss_scale: Optional[torch.Tensor] = None) -> StepResult:
+    """One all-reduce per step: the global loss, and which stop conditions hold on any rank.
 
+    The vector is built on ``local``'s device (the model's) with scalar fills, and read back once: the one
+    host sync of the step's bookkeeping, needed because every rank must agree on stopping and the loss is
+    checked for NaN and logged. The optimizer's loss scale (a device scalar) rides along in that copy.
+    """
     watched = ExitSignals.SIGNALS
-    vec = torch.zeros(3 + len(watched), dtype=torch.float64)
+    vec = torch.zeros(3 + len(watched), dtype=torch.float64, device=local.device)
     vec[:2] = local
     vec[2] = 1.0 if deadline is not None and time.time() > deadline else 0.0
     for i, sig in enumerate(watched):
         vec[3 + i] = 1.0 if signals.received == sig else 0.0
     vec = all_reduce(vec)
-    loss = float(vec[0] / vec[1]) if vec[1] > 0 else float("nan")
-    got = [sig.name for i, sig in enumerate(watched) if vec[3 + i] > 0]
+    if loss_scale is not None:
+        vec = torch.cat([vec, torch.as_tensor(loss_scale).reshape(1).to(vec)])
+    host = vec.tolist()
+    loss = host[0] / host[1] if host[1] > 0 else float("nan")
+    scale = host[-1] if loss_scale is not None else 1.0
+    got = [sig.name for i, sig in enumerate(watched) if host[3 + i] > 0]
     if got:
-        return StepResult(loss, f"received {'/'.join(got)} (on at least one rank)", signalled=True)
-    return StepResult(loss, "--exit-duration-in-mins reached" if vec[2] > 0 else None)
+        return StepResult(loss, f"received {'/'.join(got)} (on at least one rank)", signalled=True, loss_scale=scale)
+    return StepResult(loss, "--exit-duration-in-mins reached" if host[2] > 0 else None, loss_scale=scale)
 
 
-def reduce_memory() -> tuple[float, float]:
-    mem = all_reduce(torch.tensor(memory_bytes(), dtype=torch.float64), torch.distributed.ReduceOp.MAX)
-    return float(mem[0]), float(mem[1])
+def reduce_memory(device: torch.device) -> tuple[float, ...]:
+    """memory_bytes(), the maximum over ranks (once per log interval)."""
+    mem = torch.tensor(memory_bytes(), dtype=torch.float64, device=device)
+    return tuple(all_reduce(mem, torch.distributed.ReduceOp.MAX).tolist())
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -341,17 +358,29 @@ class Trainer:
 
     def __init__(self, cfg: GrinConfig, tcfg: TrainConfig, start_time: float):
         self.cfg, self.tcfg, self.start_time = cfg, tcfg, start_time
-        self.env = init_distributed(cfg)
+        self.env = init_distributed(cfg, tcfg.distributed_timeout_minutes)
         set_seed(tcfg.seed)
+        # Before anything is built: paths and data are usable, this run owns --save (locked), and the
+        # checkpoint it resumes is intact.
+        train_samples, valid_samples = sample_counts(tcfg)
+        agree(None if self.env.rank else preflight.problems(cfg, tcfg, (max(train_samples, 1), valid_samples, 0)),
+              ConfigError)
+        self.save_dir = open_save_dir(tcfg.save, resuming=resumes_from_save(tcfg), takeover=tcfg.save_dir_takeover,
+                                      break_lock=tcfg.break_save_lock) if tcfg.save else None
+        self.found = choose_checkpoint(tcfg.load, tcfg.ckpt_step, tcfg.ckpt_fallback) \
+            if tcfg.load and os.path.isdir(tcfg.load) else None
+        if tcfg.load and self.found is None and tcfg.exit_on_missing_checkpoint:
+            raise MissingCheckpoint(f"--load {tcfg.load} holds no checkpoint and --exit-on-missing-checkpoint is set")
         self.model, self.tconfig = build_model(cfg, tcfg)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, tcfg, self.tconfig)
         self.ckpt = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                 use_distributed_optimizer=tcfg.use_distributed_optimizer, save_dir=tcfg.save,
-                                 load_dir=tcfg.load, keep_last=tcfg.ckpt_keep_last)
+                                 use_distributed_optimizer=tcfg.use_distributed_optimizer, save_dir=self.save_dir,
+                                 keep_last=tcfg.ckpt_keep_last, run_args=resume_facts(tcfg))
         self.last_saved: Optional[int] = None
         self.last_eval: Optional[int] = None
         self.steps_done = 0
         self.state = self._load()
+        self.control = RunControl(tcfg, self.env.rank, self.model)
         self.train_iters, self.valid_iters = build_data(cfg, tcfg, len(self.model), self.state.consumed_train_samples,
                                                         self.state.consumed_valid_samples)
 
@@ -361,14 +390,18 @@ class Trainer:
     def _load(self):
         if not self.tcfg.load:
             return TrainState()
-        report = self.ckpt.load(step=self.tcfg.ckpt_step, finetune=self.tcfg.finetune,
-                                no_load_optim=self.tcfg.no_load_optim, no_load_rng=self.tcfg.no_load_rng,
-                                global_batch_size=self.tcfg.global_batch_size)
-        if report is None:
-            log.info("--load %s holds no checkpoint: starting from scratch", self.tcfg.load)
+        if self.found is None:
+            if self.env.rank == 0:
+                log.warning("--load %s holds no checkpoint: starting from scratch", self.tcfg.load)
             return TrainState()
+        tcfg = self.tcfg
+        policy = "override" if tcfg.override_opt_param_scheduler else \
+            "checkpoint" if tcfg.use_checkpoint_opt_param_scheduler else "refuse"
+        report = self.ckpt.load(self.found, finetune=tcfg.finetune, no_load_optim=tcfg.no_load_optim,
+                                no_load_rng=tcfg.no_load_rng, global_batch_size=tcfg.global_batch_size,
+                                scheduler_policy=policy)
         for note in report.notes:
-            log.info("load: %s", note)
+            (log.warning if note.startswith("WARNING") else log.info)("load: %s", note)
         log.info("loaded %s: iteration %d, %d samples consumed, optimizer %s, RNG %s", report.path,
                  report.iteration, report.state.consumed_train_samples,
                  "restored" if report.loaded_optimizer else "fresh", "restored" if report.loaded_rng else "fresh")
@@ -377,10 +410,11 @@ class Trainer:
         return report.state
 
     def save(self) -> None:
-        if not self.tcfg.save or self.last_saved == self.state.iteration:
+        if self.save_dir is None or self.last_saved == self.state.iteration:
             return
         t0 = time.perf_counter()
-        path = self.ckpt.save(self.state)
+        with self.control.synchronized_params():
+            path = self.ckpt.save(self.state)
         self.last_saved = self.state.iteration
         self.metrics.say(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
 
@@ -388,7 +422,8 @@ class Trainer:
         if self.valid_iters is None or self.tcfg.eval_iters == 0 or self.last_eval == self.state.iteration or \
                 not self.steps_done:  # a run that trained nothing has nothing new to measure
             return
-        loss = evaluate(self.model, self.valid_iters, self.tcfg)
+        with self.control.evaluation():
+            loss = evaluate(self.model, self.valid_iters, self.tcfg)
         self.state.consumed_valid_samples += self.tcfg.eval_iters * self.tcfg.global_batch_size
         self.last_eval = self.state.iteration
         self.metrics.evaluation(self.state.iteration, loss)
@@ -399,7 +434,7 @@ class Trainer:
         logged = iteration % tcfg.log_interval == 0
         if logged:
             moe = collect_moe_metrics(self.model, self.cfg, microbatches)
-            self.metrics.interval(iteration, moe, reduce_memory())
+            self.metrics.interval(iteration, moe, reduce_memory(model_device(self.model)))
         if tcfg.eval_interval and iteration % tcfg.eval_interval == 0:
             self._evaluate()
         if tcfg.save_interval and iteration % tcfg.save_interval == 0:
@@ -410,6 +445,7 @@ class Trainer:
         tcfg, state = self.tcfg, self.state
         routing_rng.set_routing_seed(tcfg.seed)
         signals = ExitSignals(tcfg.exit_signal_handler)
+        self.control.start()
         deadline = self.start_time + 60 * tcfg.exit_duration_in_mins if tcfg.exit_duration_in_mins else None
         reason, microbatches, signalled = None, 0, False
         try:
@@ -418,17 +454,20 @@ class Trainer:
             while state.iteration < tcfg.train_iters:
                 routing_rng.set_routing_iteration(state.iteration)
                 t0 = time.perf_counter()
-                local, grad_norm = train_step(self.model, self.optimizer, self.scheduler, self.train_iters, tcfg)
+                self.control.step_begin(state.iteration)
+                local, grad_norm = train_step(self.model, self.optimizer, self.scheduler, self.train_iters, tcfg,
+                                              self.control)
                 state.iteration += 1
                 state.consumed_train_samples += tcfg.global_batch_size
                 self.steps_done += 1
+                self.control.step_end(state.iteration)
                 microbatches += tcfg.num_microbatches
-                result = reduce_step(local, signals, deadline)
+                result = reduce_step(local, signals, deadline, self.optimizer.get_loss_scale())
                 if not math.isfinite(result.loss):
                     raise RuntimeError(f"loss is {result.loss} at iteration {state.iteration}; stopping (the last "
                                        f"checkpoint is intact)")
                 self.metrics.step(state.iteration, result.loss, self.optimizer.param_groups[0]["lr"],
-                                  grad_norm, float(self.optimizer.get_loss_scale()), time.perf_counter() - t0)
+                                  grad_norm, result.loss_scale, time.perf_counter() - t0)
                 if self._after_step(state.iteration, microbatches):
                     microbatches = 0
                 if result.stop_reason is None and tcfg.exit_interval and state.iteration % tcfg.exit_interval == 0:
@@ -441,6 +480,7 @@ class Trainer:
             self.save()
         finally:
             signals.restore()
+            self.control.stop()
         return self._finish(reason)
 
     def _finish(self, reason: Optional[str]) -> int:
@@ -469,16 +509,36 @@ class Trainer:
         return iteration_dir(self.tcfg.save, self.last_saved)
 
     def close(self) -> None:
+        if self.save_dir is not None:
+            self.save_dir.release()
         if dist.is_initialized():
             dist.barrier()
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
 
 
+class MissingCheckpoint(Exception):
+    """--exit-on-missing-checkpoint with nothing to load: Megatron-LM exits with status 0."""
+
+
 def run(cfg: GrinConfig, tcfg: TrainConfig, start: float) -> int:
-    """Train a validated configuration (``megatron-grin pretrain`` after its flags were checked)."""
+    """Train a validated configuration (``megatron-grin pretrain`` after its flags were checked).
+
+    A refused checkpoint or --save directory (a ConfigError, raised alike on every rank) is printed once and
+    exits with status 2, like a bad flag; the --save lock is released at exit (save_dir.py).
+    """
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:  # a launcher that shields torchrun from SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     compat.apply()
-    trainer = Trainer(cfg, tcfg, start)
-    status = trainer.run()  # on an exception, no barrier: the launcher tears the other ranks down
+    try:
+        trainer = Trainer(cfg, tcfg, start)
+        status = trainer.run()  # on an exception, no barrier: the launcher tears the other ranks down
+    except MissingCheckpoint as err:
+        log.warning("%s: exiting", err)
+        return 0
+    except ConfigError as err:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"megatron-grin pretrain: error: {err}", file=sys.stderr, flush=True)
+        return 2
     trainer.close()
     return status

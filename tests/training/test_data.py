@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import sysconfig
 
 import numpy
@@ -277,6 +279,77 @@ def test_empty_split_fails_fast_instead_of_hanging(tmp_path):
         data.build_datasets([prefix], "98,x", 8, 0, 10, 5, 0, ByteTokenizer())
 
 
+def test_small_data_with_the_default_split_builds_instead_of_hanging(tmp_path):
+    """100 documents, --split 969,30,1: the test split gets none. megatron-core 0.16 built it anyway (0 samples
+    asked) and looped forever in _get_num_epochs (in a worker thread for a blend); a split asked for no samples is
+    now not built. Run in a child process, so that a regression fails by timeout instead of hanging the suite."""
+    prefix, _ = _corpus(tmp_path, "small", n_docs=100)
+    other, _ = _corpus(tmp_path, "other", n_docs=300, seed=3)
+    script = (
+        "import sys\n"
+        "from megatron_grin.training import data\n"
+        "from megatron_grin.training.tokenizer import ByteTokenizer\n"
+        f"for path in ([{prefix!r}], ['0.5', {prefix!r}, '0.5', {other!r}]):\n"
+        "    train, valid, test = data.build_datasets(path, '969, 30, 1', 16, 0, 20, 4, 0, ByteTokenizer())\n"
+        "    print('BUILT', len(train), len(valid), test, flush=True)\n")
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("build_datasets hung on a split with no documents")
+    built = [line.split() for line in proc.stdout.splitlines() if line.startswith("BUILT")]
+    assert len(built) == 2, proc.stderr[-3000:]
+    assert all(int(t) >= 20 and int(v) >= 4 and test == "None" for _, t, v, test in built)
+
+
+def test_split_arithmetic_is_megatrons():
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    for split in ("969, 30, 1", "98,2,0", "1,0,0", "70,20,10", "0,1,0", "1/1/1", "5"):
+        ours = data_files.split_bookends(data_files.parse_split(split))
+        theirs = convert_split_vector_to_split_matrix(parse_and_normalize_split(split.replace("/", ",")))
+        assert ours == [tuple(t) if t else None for t in theirs], split  # the same sums in the same order
+        for n in (1, 7, 33, 100, 499, 500, 1001):  # megatron's rounding (_build_megatron_dataset_splits)
+            for ends in theirs:
+                want = 0 if ends is None else int(round(ends[1] * n)) - int(round(ends[0] * n))
+                assert data_files.split_documents(n, ends) == want
+
+
+def test_every_blend_component_needs_documents_where_samples_are_drawn(tmp_path):
+    big, _ = _corpus(tmp_path, "big", n_docs=200)
+    tiny, _ = _corpus(tmp_path, "tiny", n_docs=10, seed=4)
+    infos = [data_files.read_idx_info(p) for p in (big, tiny)]
+    problems = data_files.check_splits(infos, [0.9, 0.1], "969, 30, 1", (40, 8, 0))
+    assert len(problems) == 1 and f"the valid split of {tiny} (blend weight 0.1) gets 0 of its 10" in problems[0]
+    assert "--eval-iters 0" in problems[0]
+    assert data_files.check_splits(infos, [0.9, 0.1], "969, 30, 1", (40, 0, 0)) == []  # no validation: fine
+    with pytest.raises(ValueError, match=f"the valid split of {tiny}"):
+        data.build_datasets(["0.9", big, "0.1", tiny], "969, 30, 1", 16, 0, 40, 8, 0, ByteTokenizer())
+
+
+def test_token_ids_beyond_the_vocabulary_are_found(tmp_path):
+    prefix, _ = _corpus(tmp_path, n_docs=30)
+    assert data_files.check_token_ids(prefix, 259) == []  # bytes and eod (256) fit the byte tokenizer
+    assert "holds token id 256, outside this run's vocabulary of 200" in data_files.check_token_ids(prefix, 200)[0]
+    tokens = numpy.memmap(prefix + ".bin", dtype=numpy.uint16, mode="r+")
+    tokens[len(tokens) // 3] = 5000  # one bad id in the middle of the corpus
+    tokens.flush()
+    assert "holds token id 5000" in data_files.check_token_ids(prefix, 259)[0]
+
+
+def test_an_inconsistent_index_is_found(tmp_path):
+    prefix, _ = _corpus(tmp_path, n_docs=30)
+    assert data_files.check_index_order(prefix) == []
+    lengths = numpy.memmap(prefix + ".idx", dtype=numpy.int32, mode="r+", offset=34, shape=(30,))
+    lengths[[3, 4]] = lengths[[4, 3]]  # two documents' lengths swapped, offsets left: a reordered index
+    lengths.flush()
+    data_files.read_idx_info(prefix)  # the header and the ends still agree ...
+    assert "inconsistent at sequence 4" in data_files.check_index_order(prefix)[0]  # ... the order does not
+
+
 def test_repreprocessing_a_prefix_does_not_reuse_stale_indices(tmp_path):
     prefix, _ = _corpus(tmp_path, n_docs=10, seed=0)
     first, _, _ = data.build_datasets([prefix], "1,0,0", 8, 0, 5, 0, 0, ByteTokenizer())
@@ -352,9 +425,9 @@ def test_cli_preprocess_writes_dataset(tmp_path, capsys):
     prefix = str(tmp_path / "cli")
     rc = preprocess_cli.main(["--input", src, "--output-prefix", prefix, "--tokenizer", "byte", "--json-keys", "text"])
     assert rc == 0 and "2 documents" in capsys.readouterr().out
-    assert _read_docs(prefix) == [[97, 98, EOD], [99, EOD]]
+    assert _read_docs(prefix + "_text_document") == [[97, 98, EOD], [99, EOD]]  # Megatron-LM's naming
     rc = preprocess_cli.main(["--input", src, "--output-prefix", prefix, "--tokenizer-type", "byte", "--no-append-eod"])
-    assert rc == 0 and _read_docs(prefix) == [[97, 98], [99]]
+    assert rc == 0 and _read_docs(prefix + "_text_document") == [[97, 98], [99]]
 
 
 @pytest.mark.parametrize(
@@ -379,3 +452,18 @@ def test_index_format_constants_match_megatron_core():
     assert data_files.INDEX_HEADER == _INDEX_HEADER
     for code, dtype in data_files.DTYPE_CODES.items():
         assert DType.dtype_from_code(code) == dtype
+
+
+def test_pretrain_on_a_tiny_corpus_trains_or_says_why_not(tmp_path):
+    """With the default --split, 10 documents leave the valid split empty: refused before the model is built
+    when validation is on, trained when it is off (no hang either way)."""
+    prefix, _ = _corpus(tmp_path, "tiny", n_docs=10)
+    base = [sys.executable, "-m", "megatron_grin", "pretrain", "--model-preset", "test", "--data-path", prefix,
+            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2",
+            "--log-interval", "1", "--data-cache-path", str(tmp_path / "cache")]
+    run = dict(capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    refused = subprocess.run([*base, "--eval-interval", "1", "--eval-iters", "1"], **run)
+    assert refused.returncode == 2 and f"the valid split of {prefix} gets 0 of its 10 documents" in refused.stderr
+    assert "iter " not in refused.stdout and "Traceback" not in refused.stderr
+    trained = subprocess.run([*base, "--eval-iters", "0"], **run)
+    assert trained.returncode == 0 and "iter       2/2" in trained.stdout, trained.stderr[-3000:]
