@@ -1,7 +1,7 @@
 """``megatron-grin convert``: megatron-grin checkpoints <-> Hugging Face PhimoeForCausalLM, streaming.
 
-    megatron-grin convert to-hf   --load CKPT --out HF_DIR [--iteration N] [--dtype bf16|fp32]
-                                  [--tokenizer TOK_DIR] [--verify] [--force]
+    megatron-grin convert to-hf   --load CKPT --out HF_DIR [--ckpt-step N] [--dtype bf16|fp32]
+                                  [--tokenizer-model TOK_DIR] [--verify] [--force]
     megatron-grin convert from-hf --hf HF_DIR --save CKPT [--tensor-model-parallel-size N]
                                   [--pipeline-model-parallel-size M] [--iteration 0] [--verify] [--force]
 
@@ -20,7 +20,9 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -30,15 +32,31 @@ from typing import Iterator, Optional
 import torch
 from megatron.core import package_info
 
-from megatron_grin import ckpt_format
+from megatron_grin import ckpt_format, ckpt_integrity
 from megatron_grin.ckpt_format import iteration_dir
+from megatron_grin.cli import quiet_missing_extras
 from megatron_grin.config import ConfigError
 from megatron_grin.convert import hf_io
 from megatron_grin.convert.hf_io import ConversionError
-from megatron_grin.convert.hf_keys import HF_GLOBAL_KEYS, globals_from_hf, globals_to_hf, hf_keys, layer_from_hf, layer_to_hf
-from megatron_grin.convert.mcore_io import CheckpointReader, find_checkpoint, save_streaming, single_process_megatron
+from megatron_grin.convert.hf_keys import (
+    HF_GLOBAL_KEYS,
+    globals_from_hf,
+    globals_to_hf,
+    hf_keys,
+    layer_from_hf,
+    layer_to_hf,
+)
+from megatron_grin.convert.mcore_io import (
+    CheckpointReader,
+    check_files,
+    find_checkpoint,
+    save_streaming,
+    single_process_megatron,
+)
 from megatron_grin.convert.safetensors_writer import ShardedSafetensorsWriter, parse_size, plan_shards
 from megatron_grin.convert.verify import verify as run_verify
+from megatron_grin.settings import bounded
+from megatron_grin.training.save_dir import pid_alive, pid_start
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -64,7 +82,9 @@ def atomic_output(path: str, force: bool, protect: tuple[str, ...] = ()) -> Iter
         raise ConversionError(f"{path} already exists; pass --force to replace it.")
     parent, base = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    _remove_dead_outputs(parent)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{socket.gethostname()}-{os.getpid()}-{pid_start(os.getpid())}-",
+                           dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should look like a normal directory
@@ -80,6 +100,21 @@ def atomic_output(path: str, force: bool, protect: tuple[str, ...] = ()) -> Iter
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_TMP_OUTPUT = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+|None)-[^-]+$")
+
+
+def _remove_dead_outputs(parent: str) -> None:
+    """Temporary outputs that conversions killed on this host left in ``parent`` (kill -9 leaves them,
+    model-sized): named .<output>.tmp-<host>-<pid>-<start>-<random>, removed once that process is gone."""
+    host = socket.gethostname()
+    for name in os.listdir(parent):
+        match = _TMP_OUTPUT.match(name)
+        if match and match["host"] == host and \
+                not pid_alive(int(match["pid"]), None if match["start"] == "None" else match["start"]):
+            _say(f"removing {os.path.join(parent, name)}, left by a conversion that was killed")
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -100,9 +135,11 @@ def to_hf(load: str, out: str, iteration: Optional[int] = None, dtype: Optional[
 
     start = time.time()
     iter_dir, it = find_checkpoint(load, iteration)
+    check_files(iter_dir)  # before anything is read from it: the trainer's check (sizes, checksums)
     cfg = ckpt_format.read_config(grin_config or iter_dir)
+    tokenizer = tokenizer or cfg.tokenizer  # the checkpoint records the tokenizer it was trained with
     bos, eos, pad = (1, 32000, None) if tokenizer is None else hf_io.tokenizer_ids(tokenizer, cfg.vocab_size)
-    if tokenizer is None:  # GRIN-MoE's ids, when the vocabulary has room for them
+    if tokenizer is None:  # a checkpoint that records none: GRIN-MoE's ids, when the vocabulary has room for them
         bos, eos = (b if b < cfg.vocab_size else None for b in (bos, eos))
     max_bytes = parse_size(max_shard_size)
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
@@ -130,7 +167,7 @@ def to_hf(load: str, out: str, iteration: Optional[int] = None, dtype: Optional[
                     _say(f"  layer {layer + 1}/{cfg.num_layers} written ({time.time() - start:.0f}s)")
         hf_io.write_json(os.path.join(tmp, "config.json"), hf_io.hf_config_from_grin(cfg, out_dtype, bos, eos, pad))
         hf_io.write_json(os.path.join(tmp, "generation_config.json"), hf_io.generation_config(bos, eos, pad))
-        copied = hf_io.copy_tokenizer(tokenizer, tmp) if tokenizer else []
+        copied = hf_io.copy_tokenizer(tokenizer, tmp) if tokenizer and os.path.isdir(tokenizer) else []
         summary = dict(direction="to-hf", source=iter_dir, iteration=it, out=os.path.abspath(out),
                        dtype=str(out_dtype).replace("torch.", ""), shards=len(plan), tokenizer_files=copied)
         if verify:
@@ -158,6 +195,8 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
     if dtype is not None:
         overrides["bf16"] = _dtype(dtype) == torch.bfloat16
     cfg = hf_io.grin_config_from_hf(hf_config, **overrides)
+    if any(os.path.isfile(os.path.join(hf, name)) for name in hf_io.TOKENIZER_FILES):
+        cfg = cfg.replace(tokenizer=os.path.abspath(hf))  # recorded: pretrain and to-hf use it without --tokenizer
     weights = hf_io.HFWeights(hf, cfg)  # checks shards, names and shapes before anything is written
     hf_dtype = weights.dtype("model.embed_tokens.weight")
     out_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -170,10 +209,10 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
 
     def produce(layer: Optional[int]) -> dict[str, torch.Tensor]:
         if layer is None:
-            return globals_from_hf({k: weights[k] for k in HF_GLOBAL_KEYS}, cfg)
+            return globals_from_hf(_finite(hf, {k: weights[k] for k in HF_GLOBAL_KEYS}), cfg)
         if (layer + 1) % max(1, cfg.num_layers // 8) == 0:
             _say(f"  layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.0f}s)")
-        return layer_from_hf({k: weights[k] for k in layer_keys[layer]}, layer, cfg)
+        return layer_from_hf(_finite(hf, {k: weights[k] for k in layer_keys[layer]}), layer, cfg)
 
     with single_process_megatron(), atomic_output(save, force, protect=(hf,)) as tmp:
         it_dir = iteration_dir(tmp, iteration)
@@ -185,6 +224,8 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
                                           converted_from=os.path.abspath(hf))
         save_streaming(cfg, it_dir, produce, common)
         ckpt_format.write_config(it_dir, cfg)
+        ckpt_integrity.write_manifest(it_dir, ckpt_integrity.digest_files(it_dir, os.listdir(it_dir)),
+                                      run_id=f"convert-from-hf-{os.getpid()}-{int(time.time())}")
         ckpt_format.write_tracker(tmp, iteration)
         summary = dict(direction="from-hf", source=os.path.abspath(hf), save=os.path.abspath(save),
                        iteration=iteration, dtype=str(out_dtype).replace("torch.", ""),
@@ -197,6 +238,16 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
     summary["seconds"] = round(time.time() - start, 2)
     _say(f"wrote {save}/iter_{iteration:07d} in {summary['seconds']}s")
     return summary
+
+
+def _finite(source: str, tensors: dict) -> dict:
+    """Refuse NaN/inf weights: a checkpoint holding them trains to NaN at its first step."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ConversionError(f"{source}: {name} holds {bad} NaN/inf value(s) of {t.numel()}; the model is "
+                                  "damaged or was saved after diverging. Convert an intact copy; nothing was written.")
+    return tensors
 
 
 def _parity_gate(iter_dir: str, cfg, hf_dir: str, atol: Optional[float], kl_tol: Optional[float], seq_len: int,
@@ -222,11 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
         p.add_argument("--verify", action="store_true",
                        help="run both models on fixed sequences and fail unless their logits match")
-        p.add_argument("--verify-atol", type=float, default=None,
+        p.add_argument("--verify-atol", type=bounded(float, ge=0), default=None,
                        help="max |logit diff| the mapping check allows (default 1e-4; docs/conversion.md)")
-        p.add_argument("--verify-kl", type=float, default=None,
+        p.add_argument("--verify-kl", type=bounded(float, ge=0), default=None,
                        help="mean KL(ours||HF) the mapping check allows (default: not checked)")
-        p.add_argument("--verify-seq-len", type=int, default=32, help="tokens per verification sequence")
+        p.add_argument("--verify-seq-len", type=bounded(int, ge=1), default=32, help="tokens per verification sequence")
         p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                        help="output dtype (default: the input's)")
 
@@ -234,8 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(to)
     to.add_argument("--load", required=True, help="save root (uses latest_checkpointed_iteration.txt) or iter_N dir")
     to.add_argument("--out", required=True, help="HF output directory (must not exist unless --force)")
-    to.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the latest)")
-    to.add_argument("--tokenizer", default=None, help="local HF tokenizer directory to copy (sets bos/eos ids)")
+    to.add_argument("--ckpt-step", "--iteration", dest="iteration", type=bounded(int, ge=0), default=None,
+                    help="iteration to export (default: the latest)")
+    to.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer", default=None,
+                    help="local HF tokenizer directory to copy (sets bos/eos ids); default: the tokenizer the "
+                         "checkpoint records (pretrain's --tokenizer-model)")
     to.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (default 5GB)")
     to.add_argument("--grin-config", default=None, metavar="FILE",
                     help="grin_config.json to use when the checkpoint has none (Megatron-LM pretrain_gpt runs)")
@@ -244,18 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(fr)
     fr.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     fr.add_argument("--save", required=True, help="checkpoint root to create (must not exist unless --force)")
-    fr.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size the trainer will use")
-    fr.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size the trainer will use")
-    fr.add_argument("--iteration", type=int, default=0,
+    fr.add_argument("--tensor-model-parallel-size", type=bounded(int, ge=1), default=1,
+                    help="TP size the trainer will use")
+    fr.add_argument("--pipeline-model-parallel-size", type=bounded(int, ge=1), default=1,
+                    help="PP size the trainer will use")
+    fr.add_argument("--iteration", type=bounded(int, ge=0), default=0,
                     help="iteration number of the written checkpoint (default 0: a fresh run)")
     return parser
 
 
 def _quiet() -> None:
-    """Keep stderr to our progress lines: megatron's "TE/Apex not installed" and torch's deprecations."""
-
-    for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
+    """Keep stderr to our progress lines: megatron's "TE/Apex not installed", megatron's and transformers'
+    deprecation notices (by module; our own warnings and everyone's errors still show)."""
+    quiet_missing_extras()
+    for module in (r"megatron\.", r"transformers\.", r"torch\.distributed\.checkpoint"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -281,6 +339,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     iteration=args.iteration, **verify_kw)
     except (ConversionError, ConfigError) as err:
         print(f"megatron-grin convert {args.direction}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a read-only or vanished directory: the temporary output is gone
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"megatron-grin convert {args.direction}: error: {err.strerror or err}{where}; nothing was written "
+              "(the temporary output was removed). Free space or choose another output directory.", file=sys.stderr)
         return 1
     return 0
 

@@ -24,7 +24,7 @@ import torch
 
 from megatron_grin.config import ConfigError, GrinConfig
 from megatron_grin.convert.hf_keys import HF_GLOBAL_KEYS, hf_config_dict, hf_keys
-from megatron_grin.training.tokenizer import HFTokenizer
+from megatron_grin.training.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -347,10 +347,11 @@ class HFWeights:
 
 # --- tokenizer -----------------------------------------------------------------------------------------------
 def tokenizer_ids(tok_dir: str, vocab_size: int) -> tuple[Optional[int], Optional[int], Optional[int]]:
-    """(bos, eos, pad) ids of a local HF tokenizer, checking that it fits the model's vocabulary."""
+    """(bos, eos, pad) ids of a tokenizer spec (a local HF directory, byte, null:N), checking that it fits the
+    model's vocabulary."""
 
     try:
-        tok = HFTokenizer(tok_dir)
+        tok = build_tokenizer(tok_dir)
     except ValueError as err:
         raise ConversionError(f"--tokenizer: {err}") from None
     if tok.vocab_size > vocab_size:

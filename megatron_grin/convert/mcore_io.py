@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
@@ -37,11 +38,19 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from megatron_grin import compat
-from megatron_grin.ckpt_format import MODEL_KEY, CheckpointError, is_complete, iteration_of, unfinished_saves
+from megatron_grin.ckpt_format import (
+    MODEL_KEY,
+    CheckpointError,
+    checkpoint_candidates,
+    is_complete,
+    iteration_of,
+    unfinished_saves,
+)
+from megatron_grin.ckpt_integrity import checkpoint_problems, damage_report
 from megatron_grin.ckpt_format import find_checkpoint as find_checkpoint_in
 from megatron_grin.config import GrinConfig
 from megatron_grin.convert.hf_io import ConversionError
@@ -80,30 +89,33 @@ def find_checkpoint(load: str, iteration: Optional[int] = None) -> tuple[str, Op
     return found[1], found[0]
 
 
-def check_files(iter_dir: str) -> None:
-    """Every data file the checkpoint's .metadata refers to exists and is long enough."""
+_verified: dict[str, list] = {}
 
-    try:
-        metadata = FileSystemReader(iter_dir).read_metadata()
-    except Exception as err:  # unpickling errors of a damaged file come in many types
-        raise ConversionError(f"cannot read {iter_dir}/.metadata: {err}") from None
-    need: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    missing = sorted(p for p in need if not os.path.isfile(os.path.join(iter_dir, p)))
-    if missing:
-        raise ConversionError(f"{iter_dir}: {len(missing)} checkpoint file(s) are missing, e.g. {missing[:5]}. The "
-                              "checkpoint is damaged or was copied incompletely.")
-    short = sorted(p for p, n in need.items() if os.path.getsize(os.path.join(iter_dir, p)) < n)
-    if short:
-        raise ConversionError(f"{iter_dir}: checkpoint file(s) {short[:5]} are truncated.")
+
+def check_files(iter_dir: str) -> None:
+    """The trainer's check before use (ckpt_integrity.checkpoint_problems): every file present, complete and, with
+    a manifest, matching its checksum. The converter never falls back: it exports what it was asked to."""
+    stamp = [os.stat(os.path.join(iter_dir, n)).st_mtime_ns for n in sorted(os.listdir(iter_dir))] \
+        if os.path.isdir(iter_dir) else None
+    key = os.path.realpath(iter_dir)
+    if stamp is not None and _verified.get(key) == stamp:  # checked in this process, unchanged since
+        return
+    problems = checkpoint_problems(iter_dir)
+    if not problems:
+        _verified[key] = stamp
+    else:
+        root = os.path.dirname(os.path.normpath(iter_dir))
+        intact = [it for it, path in checkpoint_candidates(root) if path != iter_dir] if os.path.isdir(root) else []
+        hint = f" Complete checkpoints beside it: iterations {sorted(intact)} (pick one with --iteration N)." \
+            if intact else ""
+        raise ConversionError(f"{damage_report(iter_dir, problems)}. Restore the files (or re-copy the checkpoint)."
+                              f"{hint}")
 
 
 # --- single-process megatron -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def single_process_megatron() -> Iterator[None]:
     """A one-rank gloo world with TP=1/PP=1 parallel state, torn down afterwards (reentrant-safe)."""
-
 
     compat.apply()
     own_pg = not dist.is_initialized()
@@ -394,5 +406,17 @@ def save_streaming(cfg: GrinConfig, checkpoint_dir: str,
         remember(sharded[name], name)
 
     state = {MODEL_KEY: sharded, **(common or {})}
-    dist_checkpointing.save(state, checkpoint_dir, sharded_strategy=_streaming_strategy(sources, dtypes, produce),
-                            content_metadata=sharded_metadata(use_distributed_optimizer=False))
+    try:
+        dist_checkpointing.save(state, checkpoint_dir, sharded_strategy=_streaming_strategy(sources, dtypes, produce),
+                                content_metadata=sharded_metadata(use_distributed_optimizer=False))
+    except CheckpointException as err:  # torch wraps what produce() or the file system raised (a BaseException)
+        raise _first_failure(err, checkpoint_dir) from None
+
+
+def _first_failure(err: CheckpointException, where: str) -> Exception:
+    """The ConversionError or OSError behind a DCP CheckpointException, else a ConversionError saying what failed."""
+    for failure in err.failures.values():  # {rank: (exception, traceback)}
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, (ConversionError, OSError)):
+            return exc
+    return ConversionError(f"writing {where} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}")

@@ -84,7 +84,6 @@ def fixed_tokens(cfg: GrinConfig, batch: int = 2, seq_len: int = 32, seed: int =
 def load_tp1_model(iter_dir: str, cfg: GrinConfig):
     """Our TP=1 model (fp32, eval) with every parameter loaded from the checkpoint in one load."""
 
-
     model = build_tp1_model(cfg, device="cpu", dtype=torch.float32).eval()
     params = {name for name, _ in model.named_parameters()}
     sharded = {k: v for k, v in model_sharded_state_dict(model).items() if k in params}

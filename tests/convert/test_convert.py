@@ -389,6 +389,7 @@ def test_to_hf_refuses_unfinished_and_damaged_checkpoints(trained, tmp_path, cap
     cfg = json.load(open(cfg_path))
     cfg["ffn_hidden_size"] = 24
     json.dump(cfg, open(cfg_path, "w"))
+    os.remove(os.path.join(wrong, "iter_0000003", "grin_manifest.json"))  # else its checksum names the edit
     assert convert.main(["to-hf", "--load", wrong, "--out", out]) == 1
     assert "do not match" in capsys.readouterr().err and not os.path.exists(out) and not _leftovers(out)
 
