@@ -118,3 +118,13 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     if errors:
         raise RuntimeError("\n".join(errors))
     return results
+
+
+def philox_python(ctr, key, rounds=10):
+    """Philox4x32-10 on Python integers (the Random123 definition): an independent reference for the kernels."""
+    (c0, c1, c2, c3), (k0, k1), mask = ctr, key, 0xFFFFFFFF
+    for _ in range(rounds):
+        pa, pb = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((pb >> 32) ^ c1 ^ k0) & mask, pb & mask, ((pa >> 32) ^ c3 ^ k1) & mask, pa & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c0, c1, c2, c3
