@@ -15,6 +15,9 @@ make megatron's checkpoint writer processes die with their rank. They fail close
 version they were not audited for, or when a hook point is gone, :func:`apply` raises instead of running
 unprotected (tests/test_compat_safe_load.py plants a pickle in every file we or megatron read).
 
+The module is one registry on purpose (~650 lines): every patch of megatron-core sits beside its gate and its
+reason, so a version bump is reviewed in one file.
+
 Call :func:`apply` once, before building models or schedules or reading any checkpoint or dataset cache (the
 trainer, the converter, ``build_datasets`` and the tests do).
 """

@@ -133,7 +133,6 @@ class GroupedMMExperts(MegatronModule):
         tp_size, tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
         dp_rank = get_pg_rank(self.dp_group)
         first_expert = ep_rank * self.num_local_experts
-        num_global = ep_size * self.num_local_experts
         prepend = len(sharded_offsets)
 
         def per_expert(key: str, t: torch.Tensor, tp_axis: int, tp_offset: int, tp_frags: int, replica_id):
@@ -185,14 +184,22 @@ class GroupedMMExperts(MegatronModule):
             f"{prefix}fc2_weight": ShardedTensorFactory(f"{prefix}experts.linear_fc2.weight", self.fc2_weight,
                                                         build_fc2, merge_fc2, replica_id),
         }
-        # SequentialMLP's (empty) per-expert _extra_state objects, so either backend loads the other's checkpoint.
+        state.update(self._extra_state_objects(prefix, sharded_offsets, singleton))
+        return state
+
+    def _extra_state_objects(self, prefix: str, sharded_offsets: tuple, singleton: bool) -> dict:
+        """SequentialMLP's (empty) per-expert _extra_state objects, so either backend loads the other's checkpoint."""
+        ep_rank, tp_rank, dp_rank = (get_pg_rank(g) for g in (self.ep_group, self.tp_group, self.dp_group))
+        first_expert, num_global = ep_rank * self.num_local_experts, get_pg_size(self.ep_group) * self.num_local_experts
+        state = {}
         for e in range(self.num_local_experts):
             global_e = first_expert + e
             for mod in ("linear_fc1", "linear_fc2"):
                 if singleton:
                     key, offsets = f"{prefix}experts.{global_e}.{mod}._extra_state", sharded_offsets
                 else:
-                    key, offsets = f"{prefix}experts.{mod}._extra_state", (*sharded_offsets, (prepend, global_e, num_global))
+                    key = f"{prefix}experts.{mod}._extra_state"
+                    offsets = (*sharded_offsets, (len(sharded_offsets), global_e, num_global))
                 state[f"{prefix}local_experts.{e}.{mod}._extra_state"] = make_sharded_object_for_checkpoint(
                     None, key, offsets, (0, tp_rank, dp_rank))
         return state

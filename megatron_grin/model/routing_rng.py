@@ -18,7 +18,6 @@ never produces inf or NaN.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -58,21 +57,6 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
 def bits_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """uint32 (in int64) -> float32 strictly inside (0, 1)."""
     return ((x >> 9).to(torch.float32) + 0.5) * (2.0**-23)
-
-
-def jitter_noise(shape: tuple[int, ...], eps: float, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """1 + eps * U(-1, 1) of ``shape`` in ``dtype``, from 16 random bits per element.
-
-    Why not ``uniform_``: four 16-bit values per 64-bit draw cut the generator's work (the input
-    jitter is one draw per activation element), and 65536 levels are finer than the fp32 grid of
-    [1-eps, 1+eps] for GRIN's eps=0.01. Every step rounds to nearest, so the noise stays unbiased in bf16
-    (torch's bf16 ``uniform_`` truncates instead: U(0.99, 1.01) in bf16 averages 0.994).
-    """
-    numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=generator.device)
-    words.random_(-(2**63), None, generator=generator)  # all 64 bits
-    noise = words.view(torch.int16)[:numel].view(shape).to(dtype)  # [-32768, 32767], rounded to nearest
-    return noise.mul_(eps / 32768).add_(1.0 + eps / 65536)  # in place: no fp32 temporary of the activation size
 
 
 def routing_uniforms(token_ids: torch.Tensor, num_lanes: int, top_k: int, *, seed: int, iteration: int,

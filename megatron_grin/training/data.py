@@ -96,6 +96,18 @@ def _data_fingerprint(prefixes: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _sample_counts(seq_length: int, *counts: int) -> list[int]:
+    if seq_length < 1:
+        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
+    try:
+        sizes = [operator.index(n) for n in counts]
+    except TypeError:
+        sizes = [-1]
+    if min(sizes) < 0:
+        raise ValueError(f"train/valid/test sample counts must be non-negative ints, got {counts}")
+    return sizes
+
+
 def build_datasets(
     data_path: Sequence[str] | str | None,
     split: str,
@@ -120,18 +132,7 @@ def build_datasets(
     and split and uses megatron's synthetic MockGPTDataset. Index caches go to
     ``<data_cache_path or dir of first prefix/cache>/data-<content fingerprint>``.
     """
-
-    if seq_length < 1:
-        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
-    try:
-        sizes = [operator.index(n) for n in (train_samples, valid_samples, test_samples)]
-    except TypeError:
-        sizes = [-1]
-    if min(sizes) < 0:
-        raise ValueError(
-            "train/valid/test sample counts must be non-negative ints, got "
-            f"{train_samples}, {valid_samples}, {test_samples}"
-        )
+    sizes = _sample_counts(seq_length, train_samples, valid_samples, test_samples)
     adapter = tokenizer if isinstance(tokenizer, MegatronTokenizerAdapter) else MegatronTokenizerAdapter(tokenizer)
     compat.apply_security()  # megatron reads its index caches with numpy.load(allow_pickle=True)
     ensure_helpers()

@@ -22,14 +22,14 @@ def _rank(rank, world, port, device_type):
     from megatron_grin.model import routing_rng
     from megatron_grin.model.build import transformer_config
     from megatron_grin.model.spec import grin_moe_spec
-    from megatron_grin.training import metrics, trainer
+    from megatron_grin.training import distributed, metrics, trainer
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     compat.apply()
     cfg = tiny_config(hidden_size=64, ffn_hidden_size=64, num_experts=4, moe_aux_loss_coeff=0.01)
-    trainer.init_distributed(cfg)
+    distributed.init_distributed(cfg)
     model_parallel_cuda_manual_seed(1)
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     out = {"backend": dist.get_backend(), "dp_backend": dist.get_backend(ps.get_data_parallel_group())}
