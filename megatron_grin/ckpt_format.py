@@ -276,12 +276,14 @@ def check_checkpoint_config(root: str, cfg: GrinConfig, step: Optional[int] = No
     if found is None:
         return None
     iteration, path, data = found
-    _check_same_model(root, iteration, data, config_from_json(data, path), cfg, load_optim)
+    check_same_model(root, iteration, data, config_from_json(data, path), cfg, load_optim)
     return iteration
 
 
-def _check_same_model(root: str, iteration: int, data: dict, saved_cfg: GrinConfig, cfg: GrinConfig,
-                      load_optim: bool) -> None:
+def check_same_model(root: str, iteration: int, data: dict, saved_cfg: GrinConfig, cfg: GrinConfig,
+                     load_optim: bool) -> None:
+    """Raise CheckpointError if ``saved_cfg`` (``data``: its raw grin_config.json) is another model than ``cfg``, or
+    its optimizer state cannot follow ``cfg``'s expert backend."""
     diffs = config_differences(saved_cfg, cfg)
     if diffs:
         listed = "; ".join(f"{'--' + n.replace('_', '-')}: checkpoint {a!r}, this run {b!r}" for n, a, b in diffs)

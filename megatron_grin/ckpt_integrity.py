@@ -1,5 +1,6 @@
 """Checkpoint integrity: the manifest (every file's size and SHA-256, and the run that wrote it), the checks a
-checkpoint passes before anything is loaded from it, and reading torch's ``.metadata`` pickle without running code.
+checkpoint passes before anything is loaded from it, and reading torch's ``.metadata`` pickle (and Megatron-LM's
+``common.pt``, for its ``args``) without running code.
 
 Shared by the trainer (training/checkpointing.py: each rank hashes the files it wrote, and a share of them at load)
 and the converter (convert/mcore_io.py: one process checks everything). compat.py routes torch's own
@@ -8,13 +9,20 @@ and the converter (convert/mcore_io.py: one process checks everything). compat.p
 
 from __future__ import annotations
 
+import argparse
+import collections
+import dataclasses
 import hashlib
+import io
 import json
 import os
+import pathlib
 import pickle
 import re
+import signal
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO, Iterable, Optional
+from typing import Any, BinaryIO, Iterable, Optional
 
 from megatron_grin.ckpt_format import (
     COMMIT_FILES,
@@ -94,6 +102,94 @@ def read_metadata_file(iter_dir: str):
             return read_dcp_metadata(f, path)
     except OSError as err:
         raise CheckpointError(f"{path} is unreadable ({err.strerror}).") from None
+
+
+# --- megatron's common.pt, read without torch, megatron-core or running code -------------------------------------
+_ENUMS = {"megatron.core.transformer.enums": ("AttnBackend", "CudaGraphScope"), "megatron.core.enums": ("ModelType",),
+          "megatron.core.rerun_state_machine": ("RerunDiagnostic", "RerunMode", "RerunState")}
+#: what a common.pt may name (beyond torch dtypes, storage types and tensors, which are described, never read):
+#: Megatron-LM's ``args`` (an argparse.Namespace with the enums megatron.core.safe_globals registers for it) and
+#: its rerun state; traced in a checkpoint Megatron-LM core_v0.16.1's save_checkpoint wrote (docs/training.md).
+COMMON_ALLOWED = frozenset({("argparse", "Namespace"), ("collections", "OrderedDict"), ("signal", "Signals"),
+                            ("pathlib", "PosixPath"), ("torch._utils", "_rebuild_tensor_v2"),
+                            *((module, name) for module, names in _ENUMS.items() for name in names)})
+_TORCH_NAME = re.compile(r"bool|u?int(8|16|32|64)|b?float(16|32|64)|float8_\w+|complex(64|128)"
+                         r"|[A-Z][A-Za-z0-9]*Storage")
+_REAL = {("argparse", "Namespace"): argparse.Namespace, ("collections", "OrderedDict"): collections.OrderedDict,
+         ("signal", "Signals"): signal.Signals, ("pathlib", "PosixPath"): pathlib.PosixPath}
+
+
+@dataclasses.dataclass(frozen=True)
+class Unresolved:
+    """Something a common.pt names that the light reader does not import: a torch dtype or storage type
+    (``what``: "torch.bfloat16"), a megatron enum member (``value``: its value; the member name needs megatron-core)
+    or a tensor (``what`` "torch.Tensor", ``value``: its shape; the data is not read)."""
+
+    what: str
+    value: Any = None
+
+
+class _EnumClass:
+    """A megatron enum class: pickle calls it with the member's value."""
+
+    def __init__(self, qualname: str):
+        self.qualname = qualname
+
+    def __call__(self, value: Any) -> Unresolved:
+        return Unresolved(self.qualname, value)
+
+
+def _tensor(storage, offset, size, *rest) -> Unresolved:
+    return Unresolved("torch.Tensor", tuple(size))
+
+
+class CommonStateUnpickler(pickle.Unpickler):
+    """Resolves only ``COMMON_ALLOWED`` (Namespace, OrderedDict, stdlib enums as themselves; megatron enums, torch
+    dtypes and tensors as :class:`Unresolved`); persistent ids only as torch's storage references, not followed."""
+
+    def __init__(self, file: BinaryIO, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _REAL:
+            return _REAL[module, name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _tensor
+        if (module, name) in COMMON_ALLOWED:
+            return _EnumClass(f"{module}.{name}")
+        if module == "torch" and _TORCH_NAME.fullmatch(name):
+            return Unresolved(f"torch.{name}")
+        raise UnsafeFileError(f"{self.source}: refusing to unpickle {module}.{name}, which is not part of "
+                              "Megatron-LM's common checkpoint state: the file was tampered with or is not a "
+                              "checkpoint. Do not load it with plain pickle or torch.load(weights_only=False).")
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and pid and pid[0] == "storage":
+            return Unresolved("torch.storage")
+        raise UnsafeFileError(f"{self.source}: refusing persistent id {pid!r:.80}.")
+
+
+def read_common_state(path: str) -> dict:
+    """megatron's ``common.pt`` (a torch.save zip file) as a dict, without torch: containers, numbers, strings,
+    Megatron-LM's ``args`` Namespace; dtypes, megatron enums and tensors as :class:`Unresolved`."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise CheckpointError(f"{path} is not a torch.save file (no single data.pkl inside).")
+            data = archive.read(pickles[0])
+    except (OSError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path} is unreadable or not a torch.save zip file ({err}).") from None
+    try:
+        obj = CommonStateUnpickler(io.BytesIO(data), path).load()
+    except UnsafeFileError:
+        raise
+    except Exception as err:  # truncated or garbled: name the file
+        raise CheckpointError(f"{path} is damaged ({type(err).__name__}: {err}).") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not megatron's common state (a dict).")
+    return obj
 
 
 # --- the manifest: sizes and digests of every file -------------------------------------------------------------

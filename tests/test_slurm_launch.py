@@ -198,7 +198,7 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path):
     slurm_cluster.client("scancel", "-s", "USR1", "--batch", job)
     # Slurm holds a requeued job for cred_expire (120 s here, as by default) unless the launcher's
     # StartTime=now helper gets through, which it does on this cluster (proctrack/linuxproc).
-    slurm_cluster.wait_for(lambda: f"job {job} restart 1:" in _log(run_dir, name, job), timeout=90,
+    slurm_cluster.wait_for(lambda: f"job {job} restart 1:" in _log(run_dir, name, job), timeout=240,
                            what="the requeued job to start")
     info, log = _wait_completed(slurm_cluster, run_dir, name, job)
     assert info["Restarts"] == "1", info
@@ -216,7 +216,8 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path):
 @pytest.mark.slow
 def test_singleton_chain_runs_jobs_one_after_the_other(slurm_cluster, tmp_path):
     run_dir, name = tmp_path / "run", "chain"
-    common = [*TRAIN, "--pipeline-model-parallel-size", "2", "--save-interval", "1000"]
+    # one LR schedule for the whole chain (the second job trains further; a changed schedule is refused on resume)
+    common = [*TRAIN, "--pipeline-model-parallel-size", "2", "--save-interval", "1000", "--lr-decay-iters", "6"]
     first = _submit_job(slurm_cluster, run_dir, name, "--singleton", "--", *common, "--train-iters", "3")
     second = _submit_job(slurm_cluster, run_dir, name, "--singleton", "--", *common, "--train-iters", "6")
     pending = slurm_cluster.job(second)

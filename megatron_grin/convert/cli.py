@@ -56,6 +56,8 @@ from megatron_grin.convert.mcore_io import (
 from megatron_grin.convert.safetensors_writer import ShardedSafetensorsWriter, parse_size, plan_shards
 from megatron_grin.convert.verify import verify as run_verify
 from megatron_grin.settings import bounded
+from megatron_grin.training import megatron_checkpoint
+from megatron_grin.training.arguments import megatron_flags
 from megatron_grin.training.save_dir import pid_alive, pid_start
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -136,7 +138,7 @@ def to_hf(load: str, out: str, iteration: Optional[int] = None, dtype: Optional[
     start = time.time()
     iter_dir, it = find_checkpoint(load, iteration)
     check_files(iter_dir)  # before anything is read from it: the trainer's check (sizes, checksums)
-    cfg = ckpt_format.read_config(grin_config or iter_dir)
+    cfg, source = megatron_checkpoint.model_config(iter_dir, megatron_flags(), grin_config)
     tokenizer = tokenizer or cfg.tokenizer  # the checkpoint records the tokenizer it was trained with
     bos, eos, pad = (1, 32000, None) if tokenizer is None else hf_io.tokenizer_ids(tokenizer, cfg.vocab_size)
     if tokenizer is None:  # a checkpoint that records none: GRIN-MoE's ids, when the vocabulary has room for them
@@ -146,7 +148,8 @@ def to_hf(load: str, out: str, iteration: Optional[int] = None, dtype: Optional[
         _say(f"warning: head_dim {cfg.head_dim} x {cfg.num_attention_heads} heads != hidden {cfg.hidden_size}; "
              "transformers 4.x Phimoe ignores config.head_dim, so the export loads correctly only in 5.x")
     _say(f"reading {iter_dir} (iteration {it}): {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-         f"{cfg.num_experts} experts, saved at TP{cfg.tensor_model_parallel_size}/PP{cfg.pipeline_model_parallel_size}")
+         f"{cfg.num_experts} experts, saved at TP{cfg.tensor_model_parallel_size}/PP{cfg.pipeline_model_parallel_size}"
+         f"; model from {source}")
     with single_process_megatron(), atomic_output(out, force, protect=(load,)) as tmp:
         reader = CheckpointReader(iter_dir, cfg)
         stored = reader.stored_dtype("embedding.word_embeddings.weight")
@@ -292,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoint records (pretrain's --tokenizer-model)")
     to.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (default 5GB)")
     to.add_argument("--grin-config", default=None, metavar="FILE",
-                    help="grin_config.json to use when the checkpoint has none (Megatron-LM pretrain_gpt runs)")
+                    help="grin_config.json naming the model (default: the checkpoint's own, else the args of a "
+                         "Megatron-LM checkpoint from patches/pretrain_grin.py, else <load>/grin_config.json)")
 
     fr = sub.add_parser("from-hf", help="HF PhimoeForCausalLM directory -> megatron-grin checkpoint")
     common(fr)

@@ -56,6 +56,7 @@ from megatron_grin.config import GrinConfig
 from megatron_grin.convert.hf_io import ConversionError
 from megatron_grin.model.build import build_model, build_model_on_meta
 from megatron_grin.training.checkpointing import sharded_metadata
+from megatron_grin.training.run_checks import foreign_content
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ def find_checkpoint(load: str, iteration: Optional[int] = None) -> tuple[str, Op
         if unfinished:
             raise CheckpointError(f"{load} has only unfinished checkpoint(s) {unfinished}: they are still being "
                                   "written or the run died while saving. Wait for the save to finish.")
+        foreign = foreign_content(load)
         raise CheckpointError(f"{load} contains no complete checkpoint (no iter_NNNNNNN directory with "
-                              "metadata.json).")
+                              "metadata.json)" + (f": it holds {foreign}." if foreign else "."))
     return found[1], found[0]
 
 

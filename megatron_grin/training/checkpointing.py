@@ -58,12 +58,13 @@ from megatron_grin.ckpt_format import (
     estimated_bytes,
     fsync_dir,
     iteration_dir,
-    read_config,
     write_atomic,
     write_tracker,
 )
 from megatron_grin.ckpt_integrity import digest_files, read_manifest, read_metadata_file, write_manifest
 from megatron_grin.config import GrinConfig
+from megatron_grin.training import megatron_checkpoint
+from megatron_grin.training.arguments import megatron_flags
 from megatron_grin.training.data_files import parse_data_path
 from megatron_grin.training.metrics import all_reduce
 from megatron_grin.training.ckpt_choice import agree, all_gather
@@ -155,7 +156,8 @@ class Checkpointer:
     """Saves and loads the trainer's state for one process (collective: call on every rank)."""
 
     def __init__(self, cfg: GrinConfig, *, model: list, optimizer, scheduler, use_distributed_optimizer: bool,
-                 save_dir: Optional[SaveDir], keep_last: Optional[int] = None, run_args: Optional[dict] = None):
+                 save_dir: Optional[SaveDir], keep_last: Optional[int] = None, run_args: Optional[dict] = None,
+                 grin_config: Optional[str] = None):
         self.cfg = cfg
         self.model = model  # DDP-wrapped chunks
         self.optimizer = optimizer
@@ -164,6 +166,7 @@ class Checkpointer:
         self.save_dir = save_dir
         self.keep_last = keep_last
         self.run_args = run_args or {}  # data and batch settings, compared on resume
+        self.grin_config = grin_config  # --grin-config: the model of a checkpoint that has no grin_config.json
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _layout(self) -> dict:
@@ -310,12 +313,15 @@ class Checkpointer:
         """Restore the verified checkpoint ``found`` (from :func:`choose_checkpoint`)."""
 
         iteration, path = found
-        diffs = config_differences(read_config(path), self.cfg)
+        saved, source = megatron_checkpoint.model_config(path, megatron_flags(), self.grin_config)
+        diffs = config_differences(saved, self.cfg)
         if diffs:
             raise CheckpointError(f"{path} was saved for a different model: {diffs}")
         common = dist_checkpointing.load_common_state_dict(path)
-        grin = common.get("grin") or {}
+        foreign = megatron_checkpoint.reading(common, path, _sharded_keys(path), source)  # Megatron-LM's own
+        grin = foreign.grin if foreign else common.get("grin") or {}
         load_optim, load_rng, notes = self._load_plan(path, grin, finetune, no_load_optim, no_load_rng)
+        notes = ([foreign.note] if foreign else []) + notes
         load_schedule = not (finetune or no_load_optim) and grin.get("has_optimizer") and \
             "opt_param_scheduler" in common
         if load_schedule:
@@ -323,10 +329,13 @@ class Checkpointer:
         if not finetune:
             notes += resume_differences(grin.get("run_args") or {}, self.run_args)
 
-        meta = sharded_metadata(self.use_distributed_optimizer)
+        meta = foreign.metadata if foreign else sharded_metadata(self.use_distributed_optimizer)
         template = self._model_state(dict(meta))
         if load_optim:
             template["optimizer"] = self.optimizer.sharded_state_dict(template, is_loading=True, metadata=dict(meta))
+            if foreign and not foreign.optimizer_fits(template["optimizer"], path, notes):
+                load_optim = False
+                del template["optimizer"]
         if load_rng:
             template["rng_state"] = self._rng_object(None)
         try:
@@ -347,9 +356,10 @@ class Checkpointer:
             self.optimizer.reload_model_params()
         # A checkpoint that never stepped (iteration 0, converted weights) has no schedule worth continuing.
         if load_schedule:
-            self.scheduler.load_state_dict(common["opt_param_scheduler"])
+            self.scheduler.load_state_dict(_unused_wd_steps_as_now(common["opt_param_scheduler"], self.scheduler))
         if load_rng:
-            set_rng_state(loaded["rng_state"][0])
+            set_rng_state(foreign.rng(loaded["rng_state"], ps.get_data_parallel_rank()) if foreign else
+                          loaded["rng_state"][0])
         if finetune:
             state = TrainState()
         elif "train_state" in grin:
@@ -398,6 +408,14 @@ def check_schedule(saved: dict, current: dict, policy: str) -> list[str]:
     raise CheckpointError(f"the learning-rate schedule differs from the checkpoint's: {listed}. Pass the same flags, "
                           "or --override-opt-param-scheduler to use this run's values, or "
                           "--use-checkpoint-opt-param-scheduler to keep the checkpoint's (as in Megatron-LM).")
+
+
+def _unused_wd_steps_as_now(saved: dict, scheduler) -> dict:
+    """megatron's scheduler asserts that wd_incr_steps (train iterations x batch) matches the checkpoint's even where
+    a constant weight decay never reads it; then, like check_schedule, a longer run resumes (the value is moot)."""
+    constant = saved.get("wd_incr_style") == scheduler.wd_incr_style == "constant" and \
+        saved.get("start_wd") == saved.get("end_wd")
+    return {**saved, "wd_incr_steps": scheduler.wd_incr_steps} if constant and "wd_incr_steps" in saved else saved
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:

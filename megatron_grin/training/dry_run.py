@@ -12,6 +12,7 @@ from megatron_grin.accounting import parameter_counts
 from megatron_grin.config import GrinConfig
 from megatron_grin.plan import planner
 from megatron_grin.plan.layout import Layout
+from megatron_grin.training import megatron_checkpoint
 from megatron_grin.training.run_config import TrainConfig
 
 
@@ -63,7 +64,8 @@ def _checkpoint_text(t: TrainConfig) -> str:
     load = "no --load (fresh start)"
     if t.load:
         found = ckpt_format.find_checkpoint(t.load, t.ckpt_step) if os.path.isdir(t.load) else None
-        load = f"resume {found[1]}" if found else f"--load {t.load} holds no checkpoint (fresh start)"
+        load = f"resume {found[1]}{megatron_checkpoint.describe(found[1], t.grin_config)}" if found else \
+            f"--load {t.load} holds no checkpoint (fresh start)"
     save = f"save to {t.save} every {t.save_interval or 'run end'}" if t.save else "no --save (nothing is saved)"
     return f"{load}; {save}"
 

@@ -49,7 +49,7 @@ def resolve(values: dict, world_size: int, mflags: tuple[MegatronFlag, ...]) -> 
     """Build both configurations from the given values; problems and notes are collected, never raised."""
     r = Resolution(cfg=GrinConfig(), tcfg=TrainConfig())
     tcfg = _train_fields(values, r)
-    r.saved, problems = run_checks.saved_config(tcfg)
+    r.saved, problems = run_checks.saved_config(tcfg, mflags)
     r.problems += problems
     grin_chosen = _model(values, mflags, r)
     _megatron_answers(values, mflags, r, grin_chosen)

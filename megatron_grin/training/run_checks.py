@@ -14,7 +14,7 @@ from typing import Optional
 from megatron_grin import ckpt_format
 from megatron_grin.ckpt_format import CheckpointError
 from megatron_grin.config import ConfigError, GrinConfig, have_transformer_engine, resolve_backend
-from megatron_grin.training import data_files
+from megatron_grin.training import data_files, megatron_checkpoint
 from megatron_grin.training.tokenizer import build_tokenizer, static_vocab_size, tokenizer_dir_problem
 from megatron_grin.training.run_config import TrainConfig
 
@@ -36,7 +36,9 @@ def foreign_content(root: str) -> Optional[str]:
         inner = set(os.listdir(sub)) if os.path.isdir(sub) else set()
         if any(n.startswith("mp_rank_") for n in inner):
             return (f"{name}/ in Megatron-LM's legacy --ckpt-format torch layout (mp_rank_*/model_optim_rng.pt); "
-                    "megatron-grin reads torch_dist checkpoints only")
+                    "megatron-grin reads torch_dist checkpoints only (Megatron-LM converts one: rerun its training "
+                    "command with --ckpt-format torch --ckpt-convert-format torch_dist --ckpt-convert-save DIR, then "
+                    "--load DIR/torch_dist)")
         if not ckpt_format.is_complete(sub) and not any(n.endswith(".tmp") for n in inner):
             return (f"{name}/ without dist_checkpointing's metadata.json and .metadata (an incomplete save or another "
                     "format)")
@@ -59,8 +61,9 @@ def _tracker_text(root: str) -> Optional[str]:
         return None
 
 
-def saved_config(t: TrainConfig) -> tuple[Optional[GrinConfig], list[str]]:
-    """The model config of the checkpoint --load would resume (None: nothing to resume), and the problems."""
+def saved_config(t: TrainConfig, mflags: tuple = ()) -> tuple[Optional[GrinConfig], list[str]]:
+    """The model config of the checkpoint --load would resume (None: nothing to resume), and the problems.
+    ``mflags``: Megatron-LM's flag table, to read the args of Megatron-LM's checkpoints (megatron_checkpoint.py)."""
     if not t.load:
         return None, []
     try:
@@ -72,20 +75,14 @@ def saved_config(t: TrainConfig) -> tuple[Optional[GrinConfig], list[str]]:
         foreign = foreign_content(t.load)
         return None, [f"--load {t.load} holds {foreign}: refusing to start from scratch into it"] if foreign else []
     iteration, path = found
+    if t.grin_config or not megatron_checkpoint.is_ours(path):  # Megatron-LM's, or a model named by --grin-config
+        try:
+            return megatron_checkpoint.model_config(path, mflags, t.grin_config)[0], []
+        except CheckpointError as err:
+            return None, [f"--load {t.load}: {p} Refusing to start from scratch into it." for p in err.problems]
     try:  # a damaged newest checkpoint is skipped here: the trainer verifies, warns and falls back
         _, path, data = ckpt_format.config_to_resume(t.load, t.ckpt_step)
         return ckpt_format.config_from_json(data, path), []
-    except CheckpointError as err:
-        if os.path.isfile(os.path.join(path, ckpt_format.CONFIG_NAME)):
-            return None, err.problems
-    if not os.path.isfile(os.path.join(path, ckpt_format.CONFIG_NAME)):
-        return None, [f"--load {t.load}: iteration {iteration} is a torch_dist checkpoint without "
-                      f"{ckpt_format.CONFIG_NAME} (written by Megatron-LM's pretrain_gpt.py?), so megatron-grin cannot "
-                      "tell which model it holds: refusing to start from scratch into it. patches/pretrain_grin.py "
-                      f"writes it into --save (patches/README.md); put the model's {ckpt_format.CONFIG_NAME} into "
-                      f"{t.load}, or point --load elsewhere."]
-    try:
-        return ckpt_format.read_config(path), []
     except CheckpointError as err:
         return None, err.problems
 
@@ -101,9 +98,14 @@ def _checkpoint_model(r) -> list[str]:
     t = r.tcfg
     if r.saved is None:
         return []
+    load_optim = not (t.no_load_optim or t.finetune)
     try:
-        ckpt_format.check_checkpoint_config(t.load, r.cfg, step=t.ckpt_step,
-                                            load_optim=not (t.no_load_optim or t.finetune))
+        iteration, path = ckpt_format.find_checkpoint(t.load, t.ckpt_step)
+        if t.grin_config or not megatron_checkpoint.is_ours(path):
+            data = megatron_checkpoint.raw_config(path, r.saved, t.grin_config)
+            ckpt_format.check_same_model(t.load, iteration, data, r.saved, r.cfg, load_optim)
+        else:
+            ckpt_format.check_checkpoint_config(t.load, r.cfg, step=t.ckpt_step, load_optim=load_optim)
     except CheckpointError as err:
         return err.problems
     return []

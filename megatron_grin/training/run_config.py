@@ -127,6 +127,9 @@ class TrainConfig:
                              "at 0", group=CKPT, kind="flag")
     use_checkpoint_args: bool = setting(False, "--use-checkpoint-args", help="take the model settings (and "
                                         "tokenizer) from the --load checkpoint", group=CKPT, kind="flag")
+    grin_config: Optional[str] = setting(None, "--grin-config", help="grin_config.json naming the model of a --load "
+                                         "checkpoint (default: the checkpoint's own, or its Megatron-LM args)",
+                                         group=GRIN_GROUP, metavar="FILE")
     use_tokenizer_model_from_checkpoint_args: bool = setting(
         True, "--no-use-tokenizer-model-from-checkpoint-args", help="with --use-checkpoint-args, keep this run's "
         "tokenizer", group=CKPT, kind="off")

@@ -302,7 +302,8 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, tcfg, self.tconfig)
         self.ckpt = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                  use_distributed_optimizer=tcfg.use_distributed_optimizer, save_dir=self.save_dir,
-                                 keep_last=tcfg.ckpt_keep_last, run_args=resume_facts(tcfg))
+                                 keep_last=tcfg.ckpt_keep_last, run_args=resume_facts(tcfg),
+                                 grin_config=tcfg.grin_config)
         self.last_saved: Optional[int] = None
         self.last_eval: Optional[int] = None
         self.steps_done = 0

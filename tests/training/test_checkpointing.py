@@ -575,3 +575,30 @@ def test_torchrun_in_the_launchers_wrapper_exits_0_after_a_sigterm_save(tmp_path
     assert "stopping at iteration" in stdout and "SIGTERM" in stdout
     stopped = int(open(os.path.join(ckpt, TRACKER_NAME)).read())
     assert stopped >= 4 and checkpoint_problems(iteration_dir(ckpt, stopped)) == []
+
+
+def test_longer_run_with_constant_weight_decay_resumes_the_schedule():
+    """megatron's scheduler asserts on wd_incr_steps (train iterations x batch) even for a constant weight decay,
+    which never reads it: a chained job that trains further must still resume (a linear increase must not)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_grin.training.checkpointing import _unused_wd_steps_as_now
+
+    class _Opt:
+        param_groups = [{"lr": 0.0, "weight_decay": 0.0}]
+
+    def scheduler(train_steps, wd_style="constant", end_wd=0.01):
+        return OptimizerParamScheduler(_Opt(), init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=0,
+                                       lr_decay_steps=48, lr_decay_style="linear", start_wd=0.01, end_wd=end_wd,
+                                       wd_incr_steps=train_steps, wd_incr_style=wd_style,
+                                       use_checkpoint_opt_param_scheduler=False)  # Megatron-LM's default flags
+
+    saved = scheduler(12)
+    saved.step(3)
+    resumed = scheduler(24)
+    with pytest.raises(AssertionError):  # megatron's own check, unpatched
+        scheduler(24).load_state_dict(saved.state_dict())
+    resumed.load_state_dict(_unused_wd_steps_as_now(saved.state_dict(), resumed))
+    assert resumed.num_steps == 3 and resumed.wd_incr_steps == 24
+    linear = scheduler(24, "linear", end_wd=0.1)
+    assert _unused_wd_steps_as_now(scheduler(12, "linear", end_wd=0.1).state_dict(), linear)["wd_incr_steps"] == 12
