@@ -56,6 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"megatron-grin: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, function, _ = COMMANDS[name]
+    quiet_missing_extras()  # before the import: megatron warns while its modules load
     module = importlib.import_module(module_name)
     sys.argv = [f"megatron-grin {name}", *rest]
     result = getattr(module, function)(rest)

@@ -98,6 +98,7 @@ def transformer_config(cfg: GrinConfig, **overrides: Any) -> GrinTransformerConf
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
+        cuda_graph_scope=[],  # the whole layer; megatron's default spelling ("full") warns that it is deprecated
         grin_router_variant=cfg.router_variant,
         grin_router_jitter_eps=cfg.router_jitter_eps,
         grin_input_jitter_eps=cfg.input_jitter_eps,

@@ -122,6 +122,14 @@ def torch_grouped_wgrad(a_NP: torch.Tensor, b_NQ: torch.Tensor, offsets_E: torch
 if HAVE_TRITON:
 
     @triton.jit
+    def _swizzled_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of program ``pid``, taking GROUP_M row tiles at a time for L2 reuse."""
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+    @triton.jit
     def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, N, E, OUT, IN,
                            stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -134,13 +142,7 @@ if HAVE_TRITON:
         cdiv(N, BLOCK_M) + E row tiles always cover them and the rest exit at once.
         """
         pid = tl.program_id(0)
-        num_m = tl.cdiv(N, BLOCK_M) + E
-        num_n = tl.cdiv(OUT, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        tile_m = first_m + (pid % per_group) % group_rows
-        tile_n = (pid % per_group) // group_rows
+        tile_m, tile_n = _swizzled_tile(pid, tl.cdiv(N, BLOCK_M) + E, tl.cdiv(OUT, BLOCK_N), GROUP_M)
 
         # Which expert owns virtual row tile tile_m, and its rows [row_start, row_end).
         expert = -1
@@ -194,13 +196,7 @@ if HAVE_TRITON:
         """c[e] (+)= a[rows of e].T @ b[rows of e]: program (tile, expert), the K loop over the expert's rows."""
         pid = tl.program_id(0)
         e = tl.program_id(1)
-        num_m = tl.cdiv(P, BLOCK_M)
-        num_n = tl.cdiv(Q, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        tile_m = first_m + (pid % per_group) % group_rows
-        tile_n = (pid % per_group) // group_rows
+        tile_m, tile_n = _swizzled_tile(pid, tl.cdiv(P, BLOCK_M), tl.cdiv(Q, BLOCK_N), GROUP_M)
 
         start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0).to(tl.int32)
         end = tl.load(offs_ptr + e).to(tl.int32)

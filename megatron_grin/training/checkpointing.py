@@ -360,17 +360,22 @@ class Checkpointer:
         if load_rng:
             set_rng_state(foreign.rng(loaded["rng_state"], ps.get_data_parallel_rank()) if foreign else
                           loaded["rng_state"][0])
-        if finetune:
-            state = TrainState()
-        elif "train_state" in grin:
-            state = TrainState(**grin["train_state"])
-        else:  # e.g. written by `megatron-grin convert from-hf`
-            it = int(common.get("iteration", iteration))
-            state = TrainState(iteration=it, consumed_train_samples=it * global_batch_size)
-            notes.append(f"no data position in the checkpoint: assuming {state.consumed_train_samples} samples "
-                         "consumed (iteration x global batch)")
+        state = TrainState() if finetune else _saved_train_state(grin, common, iteration, global_batch_size, notes)
         return LoadReport(iteration=state.iteration, path=path, state=state, loaded_optimizer=load_optim,
                           loaded_rng=load_rng, notes=notes)
+
+
+def _saved_train_state(grin: dict, common: dict, iteration: int, global_batch_size: int,
+                       notes: list) -> TrainState:
+    """Iteration and data position of a checkpoint; one without them (e.g. written by `megatron-grin convert
+    from-hf`) is taken to have consumed iteration x global batch samples, with a note."""
+    if "train_state" in grin:
+        return TrainState(**grin["train_state"])
+    it = int(common.get("iteration", iteration))
+    state = TrainState(iteration=it, consumed_train_samples=it * global_batch_size)
+    notes.append(f"no data position in the checkpoint: assuming {state.consumed_train_samples} samples "
+                 "consumed (iteration x global batch)")
+    return state
 
 
 def resume_facts(tcfg) -> dict:

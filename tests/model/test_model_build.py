@@ -70,3 +70,16 @@ def test_experts_without_tokens_are_fine():
     assert (counts[4:] == 0).all()
     assert counts[:4].sum() == 2 * 16  # dropless: all 16 tokens x top-2 were computed
     assert idle_grads_zero and busy_grads_nonzero
+
+
+def test_the_transformer_config_builds_without_megatron_s_deprecation_warning():
+    """megatron 0.16's own default cuda_graph_scope ("full") warns in __post_init__; we pass its new spelling."""
+    import warnings
+
+    from megatron_grin.model.build import transformer_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = transformer_config(tiny_config())
+    assert config.cuda_graph_scope == []
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
