@@ -275,7 +275,9 @@ def _parallel_problems(c: GrinConfig, world_size: Optional[int]) -> list[str]:
             out.append(f"--num-layers {c.num_layers} is not divisible by pipeline size x virtual stages = {pp * vpp}; "
                        "change --num-virtual-stages-per-pipeline-rank or --num-layers-per-virtual-pipeline-stage.")
     if world_size is not None and world_size % (tp * pp):
-        out.append(f"world size {world_size} is not divisible by TP x PP = {tp * pp}.")
+        out.append(f"world size {world_size} is not divisible by TP x PP = {tp * pp}; launch with a multiple of "
+                   f"{tp * pp} ranks (a --dry-run outside a launcher: WORLD_SIZE=N megatron-grin pretrain ...), or "
+                   "change --tensor-model-parallel-size / --pipeline-model-parallel-size.")
     return out
 
 

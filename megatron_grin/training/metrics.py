@@ -30,6 +30,8 @@ from megatron.core.transformer.moe.moe_utils import (
     get_moe_layer_wise_logging_tracker,
     reduce_aux_losses_tracker_across_ranks,
 )
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.utils import unwrap_model
 from tqdm import tqdm
 
@@ -115,6 +117,22 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def params_norm(model: list) -> float:
+    """L2 norm of all of the model's parameters (--log-params-norm), as Megatron-LM's calc_params_l2_norm: each
+    tensor-parallel shard once, replicated parameters on TP rank 0 only, summed over the model-parallel group
+    (TP x PP; data-parallel ranks hold the same weights). Collective: call on every rank; one host sync."""
+    params = [p for chunk in unwrap_model(model) for p in chunk.parameters()
+              if param_is_not_tensor_parallel_duplicate(p)]
+    device = params[0].device if params else _comm_device()
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        squares += p.detach().double().square().sum()
+    if torch.distributed.is_initialized() and ps.model_parallel_is_initialized():
+        squares = squares.to(_comm_device())
+        torch.distributed.all_reduce(squares, group=ps.get_model_parallel_group())
+    return math.sqrt(squares.item())  # the log line needs it on the host
+
+
 # --- MoE metrics (collective) --------------------------------------------------------------------------------
 def routers(model: list) -> list:
     return [m for chunk in unwrap_model(model) for m in chunk.modules() if isinstance(m, SparseMixerV2Router)]
@@ -173,6 +191,7 @@ class _Window:
     seconds: float = 0.0
     tokens: int = 0
     grad_norm: float = 0.0
+    num_zeros: Optional[float] = None  # the last step's, with --log-num-zeros-in-grad
 
     def mean_loss(self) -> float:
         return self.loss / self.steps if self.steps else float("nan")
@@ -272,7 +291,7 @@ class MetricsLogger:
 
     # -- events -------------------------------------------------------------------------------------------
     def step(self, iteration: int, loss: float, lr: float, grad_norm: Optional[float], loss_scale: float,
-             seconds: float) -> None:
+             seconds: float, num_zeros: Optional[float] = None) -> None:
         """After optimizer step ``iteration`` (1-based count of finished steps)."""
         if not self.enabled:
             return
@@ -283,6 +302,7 @@ class MetricsLogger:
         w.seconds += seconds
         w.tokens += tokens
         w.grad_norm = grad_norm if grad_norm is not None else float("nan")
+        w.num_zeros = num_zeros
         if t.first_loss is None:
             t.first_loss, t.first_iteration = loss, iteration
         t.last_loss, t.last_iteration = loss, iteration
@@ -290,6 +310,8 @@ class MetricsLogger:
         t.tokens += tokens
         record = {"type": "train", "iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "loss_scale": loss_scale, "step_seconds": seconds, "tokens_per_second": tokens / seconds}
+        if num_zeros is not None:
+            record["num_zeros_in_grad"] = num_zeros
         self._emit(record, {}, iteration)
         if self.bar is not None:
             self.bar.update(1)
@@ -301,9 +323,11 @@ class MetricsLogger:
         world = self.tcfg.world_size
         return tokens_per_second * self.flops_per_token / (self.peak * world) if self.peak else float("nan")
 
-    def interval(self, iteration: int, moe: dict, memory: tuple[float, ...]) -> None:
+    def interval(self, iteration: int, moe: dict, memory: tuple[float, ...],
+                 params_norm: Optional[float] = None) -> None:
         """Once per --log-interval, after collect_moe_metrics (same values on every rank); ``memory`` is
-        memory_bytes() (current, peak, peak reserved), the maximum over ranks."""
+        memory_bytes() (current, peak, peak reserved), the maximum over ranks; ``params_norm`` with
+        --log-params-norm."""
         if not self.enabled or not self.window.steps:
             return
         w = self.window
@@ -318,6 +342,10 @@ class MetricsLogger:
                    "memory/current_gib": memory[0] / gib, "memory/peak_gib": memory[1] / gib}
         if len(memory) > 2:
             scalars["memory/peak_reserved_gib"] = memory[2] / gib
+        if params_norm is not None:
+            scalars["train/params_norm"] = params_norm
+        if w.num_zeros is not None:
+            scalars["train/num_zeros_in_grad"] = w.num_zeros
         for key in ("load_balancing_loss", "tokens_per_expert_cv", "tokens_per_expert_cv_max",
                     "experts_without_tokens", "router_entropy", "sampled_not_argmax_share", "heun_full_share"):
             if key in moe:
@@ -330,6 +358,10 @@ class MetricsLogger:
         line = (f"iter {iteration:>7d}/{self.tcfg.train_iters} | loss {w.mean_loss():.4f} | lr {self._lr:.3e} | "
                 f"grad {w.grad_norm:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%} | {w.seconds / w.steps:.2f} s/it | "
                 f"mem {memory[1] / gib:.2f} GiB")
+        if params_norm is not None:
+            line += f" | params norm {params_norm:.3f}"
+        if w.num_zeros is not None:
+            line += f" | zeros in grad {int(w.num_zeros)}"
         if "tokens_per_expert_cv" in moe:
             line += (f" | moe cv {moe['tokens_per_expert_cv']:.2f} (max {moe['tokens_per_expert_cv_max']:.2f}) "
                      f"idle {int(moe['experts_without_tokens'])} H {moe['router_entropy']:.2f}")

@@ -160,6 +160,11 @@ class TrainConfig:
     # --- logging, evaluation, profiling -------------------------------------------------------
     log_interval: int = setting(100, "--log-interval", help="one log line (and MoE statistics) every N steps",
                                 group=LOG, type=int, ge=1)
+    log_params_norm: bool = setting(False, "--log-params-norm", help="log the parameters' L2 norm every "
+                                    "--log-interval steps", group=LOG, kind="flag")
+    log_num_zeros_in_grad: bool = setting(False, "--log-num-zeros-in-grad", help="log the number of zero gradient "
+                                          "entries (megatron's optimizer counts them: a host sync per step)",
+                                          group=LOG, kind="flag")
     eval_interval: Optional[int] = setting(None, "--eval-interval", help="validate every N steps (and at the end)",
                                            group=VAL, type=optional_int, ge=1)
     eval_iters: int = setting(100, "--eval-iters", help="global batches per validation (0: off)", group=VAL,

@@ -49,7 +49,14 @@ from megatron_grin.training.checkpointing import Checkpointer, TrainState, resum
 from megatron_grin.training.ckpt_choice import agree, choose_checkpoint, open_save_dir, resumes_from_save
 from megatron_grin.training.data import get_batch
 from megatron_grin.training.distributed import init_distributed, set_seed
-from megatron_grin.training.metrics import MetricsLogger, all_reduce, collect_moe_metrics, memory_bytes, routers
+from megatron_grin.training.metrics import (
+    MetricsLogger,
+    all_reduce,
+    collect_moe_metrics,
+    memory_bytes,
+    params_norm,
+    routers,
+)
 from megatron_grin.training.run_config import TrainConfig
 from megatron_grin.training.run_control import RunControl, param_sync_funcs
 from megatron_grin.training.tokenizer import build_tokenizer
@@ -95,7 +102,8 @@ def build_optimizer(model: list, cfg: GrinConfig, tcfg: TrainConfig, tconfig) ->
         optimizer="adam", lr=tcfg.lr, min_lr=tcfg.min_lr, weight_decay=tcfg.weight_decay,
         adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_eps=tcfg.adam_eps, clip_grad=tcfg.clip_grad,
         bf16=cfg.bf16, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-        use_distributed_optimizer=tcfg.use_distributed_optimizer), model)
+        use_distributed_optimizer=tcfg.use_distributed_optimizer,
+        log_num_zeros_in_grad=tcfg.log_num_zeros_in_grad), model)
     # Megatron-LM's get_optimizer_param_scheduler: steps in samples, iteration- or sample-based (run_config.py)
     scheduler = OptimizerParamScheduler(optimizer, **tcfg.scheduler_kwargs())
     # Wire megatron's schedule hooks the way Megatron-LM's training loop does.
@@ -183,19 +191,20 @@ def run_schedule(model: list, data_iterator, tcfg: TrainConfig, forward_only: bo
 
 def train_step(model: list, optimizer, scheduler, data_iterator, tcfg: TrainConfig,
                control: Optional[RunControl] = None) -> tuple:
-    """Forward/backward over the global batch and one optimizer step; (local loss sums, grad norm)."""
+    """Forward/backward over the global batch and one optimizer step; (local loss sums, grad norm, number of zero
+    gradient entries or None: counted with --log-num-zeros-in-grad only)."""
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
     losses = run_schedule(model, data_iterator, tcfg, forward_only=False)
     if control is not None:
         control.before_optimizer_step()  # --empty-unused-memory-level
-    updated, grad_norm, _ = optimizer.step()  # megatron's step reads found-inf and the grad norm on the host
+    updated, grad_norm, num_zeros = optimizer.step()  # megatron's step reads found-inf and the grad norm on the host
     if control is not None:
         control.after_optimizer_step()
     if updated:
         scheduler.step(increment=tcfg.global_batch_size)
-    return _local_loss_sums(losses, model_device(model)), grad_norm
+    return _local_loss_sums(losses, model_device(model)), grad_norm, num_zeros if tcfg.log_num_zeros_in_grad else None
 
 
 def evaluate(model: list, data_iterator, tcfg: TrainConfig) -> float:
@@ -362,7 +371,8 @@ class Trainer:
         logged = iteration % tcfg.log_interval == 0
         if logged:
             moe = collect_moe_metrics(self.model, self.cfg, microbatches)
-            self.metrics.interval(iteration, moe, reduce_memory(model_device(self.model)))
+            norm = params_norm(self.model) if tcfg.log_params_norm else None
+            self.metrics.interval(iteration, moe, reduce_memory(model_device(self.model)), params_norm=norm)
         if tcfg.eval_interval and iteration % tcfg.eval_interval == 0:
             self._evaluate()
         if tcfg.save_interval and iteration % tcfg.save_interval == 0:
@@ -383,8 +393,8 @@ class Trainer:
                 routing_rng.set_routing_iteration(state.iteration)
                 t0 = time.perf_counter()
                 self.control.step_begin(state.iteration)
-                local, grad_norm = train_step(self.model, self.optimizer, self.scheduler, self.train_iters, tcfg,
-                                              self.control)
+                local, grad_norm, num_zeros = train_step(self.model, self.optimizer, self.scheduler,
+                                                         self.train_iters, tcfg, self.control)
                 state.iteration += 1
                 state.consumed_train_samples += tcfg.global_batch_size
                 self.steps_done += 1
@@ -395,7 +405,7 @@ class Trainer:
                     raise RuntimeError(f"loss is {result.loss} at iteration {state.iteration}; stopping (the last "
                                        f"checkpoint is intact)")
                 self.metrics.step(state.iteration, result.loss, self.optimizer.param_groups[0]["lr"],
-                                  grad_norm, result.loss_scale, time.perf_counter() - t0)
+                                  grad_norm, result.loss_scale, time.perf_counter() - t0, num_zeros)
                 if self._after_step(state.iteration, microbatches):
                     microbatches = 0
                 if result.stop_reason is None and tcfg.exit_interval and state.iteration % tcfg.exit_interval == 0:

@@ -111,7 +111,7 @@ def _step(trainer) -> float:
     from megatron_grin.training.trainer import train_step
 
     routing_rng.set_routing_iteration(trainer.state.iteration)
-    local, _ = train_step(trainer.model, trainer.optimizer, trainer.scheduler, trainer.train_iters, trainer.tcfg)
+    local, *_ = train_step(trainer.model, trainer.optimizer, trainer.scheduler, trainer.train_iters, trainer.tcfg)
     trainer.state.iteration += 1
     trainer.state.consumed_train_samples += trainer.tcfg.global_batch_size
     total, tokens = local.tolist()

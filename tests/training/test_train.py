@@ -89,7 +89,7 @@ def straight(tmp_path_factory):
     proc = run_pretrain(*TINY, "--train-iters", "8", "--save", str(out / "ckpt"), "--save-interval", "4",
                         "--log-dir", str(out), "--eval-interval", "4", "--eval-iters", "1",
                         "--tensorboard-dir", str(out / "tb"), "--wandb-project", "grin-test",
-                        "--moe-aux-loss-coeff", "0.01")
+                        "--moe-aux-loss-coeff", "0.01", "--log-params-norm", "--log-num-zeros-in-grad")
     return out, proc
 
 
@@ -119,6 +119,18 @@ def test_interval_records_hold_router_metrics_reduced_over_layers(straight):
     assert 0.5 < rec["moe/load_balancing_loss"] < 2.0  # E * sum f_i P_i is ~1 near balance
     assert 0 < rec["moe/router_entropy"] <= math.log(4) + 1e-6  # 4 experts
     assert 0 < rec["perf/mfu"] < 1
+
+
+def test_params_norm_and_zeros_in_grad_are_logged_when_asked(straight):
+    """--log-params-norm (its value is checked at every layout in test_metrics.py) and --log-num-zeros-in-grad
+    (megatron's optimizer counts them): in the interval records, every step's record and the log line."""
+    out, proc = straight
+    norms = [r["train/params_norm"] for r in records(out, "interval")]
+    assert len(norms) == 4 and all(n > 0 for n in norms) and len(set(norms)) == 4  # training moves the weights
+    zeros = [r["num_zeros_in_grad"] for r in records(out)]
+    assert len(zeros) == 8 and all(z == int(z) and z > 0 for z in zeros)  # unseen vocabulary rows get no gradient
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("iter ") and "| loss" in ln][-1]
+    assert f"params norm {norms[-1]:.3f}" in line and f"zeros in grad {int(zeros[-1])}" in line
 
 
 def test_summary_png_tensorboard_and_missing_wandb(straight):
