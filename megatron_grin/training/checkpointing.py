@@ -43,6 +43,14 @@ import torch
 from megatron.core import dist_checkpointing, package_info, tensor_parallel
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -157,7 +165,8 @@ class Checkpointer:
 
     def __init__(self, cfg: GrinConfig, *, model: list, optimizer, scheduler, use_distributed_optimizer: bool,
                  save_dir: Optional[SaveDir], keep_last: Optional[int] = None, run_args: Optional[dict] = None,
-                 grin_config: Optional[str] = None):
+                 grin_config: Optional[str] = None, fully_parallel_save: bool = True,
+                 fully_parallel_load: bool = False):
         self.cfg = cfg
         self.model = model  # DDP-wrapped chunks
         self.optimizer = optimizer
@@ -167,6 +176,8 @@ class Checkpointer:
         self.keep_last = keep_last
         self.run_args = run_args or {}  # data and batch settings, compared on resume
         self.grin_config = grin_config  # --grin-config: the model of a checkpoint that has no grin_config.json
+        self.fully_parallel_save = fully_parallel_save  # --no-ckpt-fully-parallel-save turns it off
+        self.fully_parallel_load = fully_parallel_load  # --ckpt-fully-parallel-load
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _layout(self) -> dict:
@@ -185,6 +196,28 @@ class Checkpointer:
         return ShardedObject("rng_state", [state], (pp, tp),
                              (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
                              replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+    def _save_strategy(self):
+        """Megatron-LM's: torch_dist, and by default its replicated shards' writes spread over the DP ranks
+        (otherwise DP rank 0 of every model-parallel group writes them all)."""
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        if self.fully_parallel_save and ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
+            group = ps.get_data_parallel_group(with_context_parallel=True)
+            strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+        return strategy
+
+    def _load_strategy(self, path: str):
+        """None (dist_checkpointing's default), or with --ckpt-fully-parallel-load the reads spread over the DP ranks
+        and the shards exchanged between them. megatron-core 0.16 exchanges them as CUDA tensors
+        (exchange_utils.exchange_loaded_tensors_broadcast), so without CUDA every rank reads its own, as by default."""
+        if not self.fully_parallel_load or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
+            return None
+        if not torch.cuda.is_available():
+            log.warning("--ckpt-fully-parallel-load: not applied without CUDA (megatron-core exchanges the shards as "
+                        "CUDA tensors); every data-parallel rank reads its own shards")
+            return None
+        return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path),
+                                                ps.get_data_parallel_group(with_context_parallel=True))
 
     def _has_optimizer_state(self) -> bool:
         opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
@@ -214,7 +247,7 @@ class Checkpointer:
                                    has_optimizer=has_optimizer, use_distributed_optimizer=self.use_distributed_optimizer,
                                    layout=self._layout(), train_state=dataclasses.asdict(state),
                                    run_args=self.run_args))
-            dist_checkpointing.save(sd, tmp, sharded_strategy=("torch_dist", 1), content_metadata=meta)
+            dist_checkpointing.save(sd, tmp, sharded_strategy=self._save_strategy(), content_metadata=meta)
             try:  # every rank hashes the files it wrote, in parallel; a failure must not skip the collective
                 mine = digest_files(tmp, _own_files(tmp, torch.distributed.get_rank()))
             except OSError as err:
@@ -339,7 +372,7 @@ class Checkpointer:
         if load_rng:
             template["rng_state"] = self._rng_object(None)
         try:
-            loaded = dist_checkpointing.load(template, path)
+            loaded = dist_checkpointing.load(template, path, sharded_strategy=self._load_strategy(path))
         except CheckpointException as err:  # raised on every rank alike (DCP gathers the failures)
             raise CheckpointError(f"--load: {path} could not be read ({_deepest(err)}). Its files passed the "
                                   "checks before loading; restore it, or resume from another with --ckpt-step N.") \

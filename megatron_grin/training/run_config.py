@@ -118,6 +118,13 @@ class TrainConfig:
                                            group=CKPT, type=int, ge=1)
     ckpt_keep_last: Optional[int] = setting(None, "--ckpt-keep-last", help="after a save, delete complete "
                                             "checkpoints older than the newest N", group=CKPT, type=int, ge=1)
+    ckpt_fully_parallel_save: bool = setting(True, "--no-ckpt-fully-parallel-save",
+                                             "--disable-ckpt-fully-parallel-save", help="let data-parallel rank 0 "
+                                             "write every replicated shard (default: the writes are spread over "
+                                             "the data-parallel ranks)", group=CKPT, kind="off")
+    ckpt_fully_parallel_load: bool = setting(False, "--ckpt-fully-parallel-load", help="spread the checkpoint reads "
+                                             "over the data-parallel ranks and exchange the shards", group=CKPT,
+                                             kind="flag")
     ckpt_step: Optional[int] = setting(None, "--ckpt-step", help="load this iteration instead of the latest",
                                        group=CKPT, type=int, ge=0)
     no_load_optim: bool = setting(False, "--no-load-optim", help="resume the weights only: fresh optimizer and "

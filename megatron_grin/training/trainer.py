@@ -312,7 +312,8 @@ class Trainer:
         self.ckpt = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                  use_distributed_optimizer=tcfg.use_distributed_optimizer, save_dir=self.save_dir,
                                  keep_last=tcfg.ckpt_keep_last, run_args=resume_facts(tcfg),
-                                 grin_config=tcfg.grin_config)
+                                 grin_config=tcfg.grin_config, fully_parallel_save=tcfg.ckpt_fully_parallel_save,
+                                 fully_parallel_load=tcfg.ckpt_fully_parallel_load)
         self.last_saved: Optional[int] = None
         self.last_eval: Optional[int] = None
         self.steps_done = 0

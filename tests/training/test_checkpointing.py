@@ -124,15 +124,37 @@ def test_resume_with_the_distributed_optimizer_is_bit_exact(tmp_path):
     assert_bit_exact(*straight_and_split(tmp_path, "--use-distributed-optimizer"))
 
 
+def _bytes_by_rank(iter_dir) -> dict:
+    sizes = {}
+    for name in os.listdir(iter_dir):
+        if name.endswith(".distcp"):
+            rank = int(name[2:].split("_")[0])
+            sizes[rank] = sizes.get(rank, 0) + os.path.getsize(os.path.join(iter_dir, name))
+    return sizes
+
+
 @pytest.mark.slow
 def test_resume_with_two_data_parallel_ranks_is_bit_exact(tmp_path):
-    """torchrun, DP2, distributed optimizer (gathered to DP rank 0 on save, scattered on load)."""
+    """torchrun, DP2, distributed optimizer (gathered to DP rank 0 on save, scattered on load); saved with
+    Megatron-LM's default fully parallel save (both DP ranks write), resumed with --ckpt-fully-parallel-load (on
+    CUDA; said and not applied without it)."""
     args = [*RESUME_ARGS, "--use-distributed-optimizer", "--global-batch-size", "8"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_pretrain(*args, "--save", str(straight), nproc=2)
     run_pretrain(*args, "--save", str(split), "--load", str(split), "--exit-interval", "4", nproc=2)
-    run_pretrain(*args, "--save", str(split), "--load", str(split), nproc=2)
+    proc = run_pretrain(*args, "--save", str(split), "--load", str(split), "--ckpt-fully-parallel-load", nproc=2)
     assert_bit_exact(straight, split)
+    if not torch.cuda.is_available():  # megatron-core 0.16 exchanges the loaded shards as CUDA tensors
+        assert "--ckpt-fully-parallel-load: not applied without CUDA" in proc.stdout + proc.stderr
+    sizes = _bytes_by_rank(split / "iter_0000004")
+    assert sizes.get(1, 0) > 0.2 * sum(sizes.values()), sizes  # the replicated weights' writes are spread
+
+
+@pytest.mark.slow
+def test_no_fully_parallel_save_leaves_the_writes_to_data_parallel_rank_0(tmp_path):
+    run_pretrain(*TINY, "--use-distributed-optimizer", "--global-batch-size", "8", "--train-iters", "2",
+                 "--save", str(tmp_path), "--no-ckpt-fully-parallel-save", nproc=2)
+    assert set(_bytes_by_rank(tmp_path / "iter_0000002")) == {0}
 
 
 def test_loading_a_checkpoint_of_another_model_fails_before_init(adam_runs):
