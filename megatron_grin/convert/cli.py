@@ -67,6 +67,13 @@ def _say(msg: str) -> None:
     print(f"[convert] {msg}", file=sys.stderr, flush=True)
 
 
+def _finished(summary: dict, start: float, wrote: str) -> dict:
+    """The summary a conversion returns, with its duration, said on stderr."""
+    summary["seconds"] = round(time.time() - start, 2)
+    _say(f"{wrote} in {summary['seconds']}s")
+    return summary
+
+
 # --- output directories ------------------------------------------------------------------------------
 def _inside(path: str, other: str) -> bool:
     path, other = os.path.realpath(path), os.path.realpath(other)
@@ -177,9 +184,7 @@ def to_hf(load: str, out: str, iteration: Optional[int] = None, dtype: Optional[
             rounded = out_dtype if _narrower(out_dtype, stored) else None
             summary["verify"] = _parity_gate(iter_dir, cfg, tmp, verify_atol, verify_kl, verify_seq_len,
                                              round_ours_to=rounded)
-    summary["seconds"] = round(time.time() - start, 2)
-    _say(f"wrote {out} ({len(plan)} shard(s), {summary['dtype']}) in {summary['seconds']}s")
-    return summary
+    return _finished(summary, start, f"wrote {out} ({len(plan)} shard(s), {summary['dtype']})")
 
 
 # --- from-hf -------------------------------------------------------------------------------------------------
@@ -238,9 +243,7 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
             rounded = out_dtype if _narrower(out_dtype, hf_dtype) else None
             summary["verify"] = _parity_gate(it_dir, cfg, hf, verify_atol, verify_kl, verify_seq_len,
                                              round_hf_to=rounded)
-    summary["seconds"] = round(time.time() - start, 2)
-    _say(f"wrote {save}/iter_{iteration:07d} in {summary['seconds']}s")
-    return summary
+    return _finished(summary, start, f"wrote {save}/iter_{iteration:07d}")
 
 
 def _finite(source: str, tensors: dict) -> dict:
