@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -328,6 +329,9 @@ def writer_process_init() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the rank died before PDEATHSIG was set: it never fires
+        os._exit(1)
 
 
 # --- atomic files --------------------------------------------------------------------------------------------
