@@ -236,8 +236,25 @@ def _model_problems(c: GrinConfig) -> list[str]:
     if c.moe_router_load_balancing_type == "sinkhorn":
         out.append("--moe-router-load-balancing-type sinkhorn changes the routing itself; GRIN routes with "
                    "SparseMixer-v2. Use global_aux_loss or none.")
-    if c.recompute_granularity == "full" and c.recompute_method not in ("uniform", "block"):
-        out.append("--recompute-granularity full needs --recompute-method uniform|block.")
+    return out + _recompute_problems(c)
+
+
+def _recompute_problems(c: GrinConfig) -> list[str]:
+    """Megatron-LM 0.16's rules (validate_args, TransformerConfig.__post_init__), checked before anything is built."""
+    out = []
+    if c.recompute_granularity == "full":
+        if c.recompute_method not in ("uniform", "block"):
+            out.append("--recompute-granularity full needs --recompute-method uniform|block.")
+        if c.recompute_num_layers is None:
+            out.append("--recompute-granularity full needs --recompute-num-layers N (layers per recompute chunk "
+                       "with uniform, recomputed layers per pipeline stage with block).")
+    elif c.recompute_granularity == "selective":
+        if c.recompute_method is not None:
+            out.append(f"--recompute-method {c.recompute_method} with --recompute-granularity selective: Megatron-LM "
+                       "takes a recompute method only with full granularity; drop --recompute-method.")
+        if c.recompute_num_layers is not None:
+            out.append(f"--recompute-num-layers {c.recompute_num_layers} with --recompute-granularity selective: "
+                       "megatron-core takes it only with full granularity; drop --recompute-num-layers.")
     return out
 
 

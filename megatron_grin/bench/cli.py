@@ -25,6 +25,7 @@ from megatron_grin.bench.layers import cmd_moe_layer, cmd_routing
 from megatron_grin.bench.model import cmd_model
 from megatron_grin.config import ROUTER_VARIANTS
 from megatron_grin.settings import bounded
+from megatron_grin.training.run_config import SEED_MAX
 
 DEFAULT_SHAPES = {  # GPU: GRIN's own shapes; CPU: the same proportions, scaled to finish in minutes
     "cpu": dict(hidden=512, ffn=800, experts=16, topk=2, tokens=16384, dtype="fp32",
@@ -76,7 +77,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(DIR/<name>-<case>.json, open in ui.perfetto.dev) and its most expensive ops (.txt)")
     p.add_argument("--out-dir", default="benchmarks/results", help="where JSON + markdown go ('' = don't write)")
     p.add_argument("--name", help="output file stem (default: <kind>-<device>-<dtype>-<allocator>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded(int, ge=0, le=SEED_MAX), default=0, help="torch and megatron RNG seed")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ import torch
 from megatron.core import package_info
 
 from megatron_grin import ckpt_format, ckpt_integrity
-from megatron_grin.ckpt_format import iteration_dir
+from megatron_grin.ckpt_format import TRACKER_NAME, iteration_dir
 from megatron_grin.cli import quiet_missing_extras
 from megatron_grin.config import ConfigError
 from megatron_grin.convert import hf_io
@@ -53,7 +53,7 @@ from megatron_grin.convert.mcore_io import (
     save_streaming,
     single_process_megatron,
 )
-from megatron_grin.convert.safetensors_writer import ShardedSafetensorsWriter, parse_size, plan_shards
+from megatron_grin.convert.safetensors_writer import ShardedSafetensorsWriter, parse_size, plan_shards, size_arg
 from megatron_grin.convert.verify import verify as run_verify
 from megatron_grin.settings import bounded
 from megatron_grin.training import megatron_checkpoint
@@ -80,15 +80,51 @@ def _inside(path: str, other: str) -> bool:
     return path == other or path.startswith(other.rstrip(os.sep) + os.sep)
 
 
+CONVERTED_RUN_PREFIX = "convert-from-hf-"  # the run id in the manifest of a from-hf checkpoint
+
+
+def _not_replaceable(path: str, kind: str) -> Optional[str]:
+    """Why --force must not replace ``path`` (None: an earlier output of the same conversion, or empty).
+    ``kind``: "hf" (a to-hf export: files only, config.json among them) or "checkpoint" (a from-hf checkpoint
+    root: the tracker and one iteration written by the converter)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return "it is not a directory"
+    names = sorted(os.listdir(path))
+    if not names:
+        return None
+    if kind == "hf":
+        dirs = [n for n in names if os.path.isdir(os.path.join(path, n))]
+        if dirs or "config.json" not in names:
+            return (f"it is not a Hugging Face export (it holds {', '.join(dirs[:3] or names[:3])}"
+                    f"{', ...' if len(dirs or names) > 3 else ''})")
+        return None
+    iters = [n for n in names if re.fullmatch(r"iter_\d{7}", n)]
+    if set(names) != {TRACKER_NAME, *iters} or len(iters) != 1:
+        held = ", ".join(n for n in names if n != TRACKER_NAME)[:200]
+        return f"it holds {held}, not one converted checkpoint"
+    try:
+        manifest = ckpt_integrity.read_manifest(os.path.join(path, iters[0]))
+    except ckpt_format.CheckpointError:
+        manifest = None
+    if not str((manifest or {}).get("run_id", "")).startswith(CONVERTED_RUN_PREFIX):
+        return f"its {iters[0]} was written by a training run, not by convert from-hf"
+    return None
+
+
 @contextlib.contextmanager
-def atomic_output(path: str, force: bool, protect: tuple[str, ...] = ()) -> Iterator[str]:
-    """Yield a temporary directory next to ``path``; move it to ``path`` only if the block succeeds."""
+def atomic_output(path: str, force: bool, protect: tuple[str, ...] = (), kind: str = "hf") -> Iterator[str]:
+    """Yield a temporary directory next to ``path``; move it to ``path`` only if the block succeeds. --force
+    replaces only an earlier output of the same conversion (``kind``, see :func:`_not_replaceable`)."""
     path = os.path.abspath(path)
     for src in protect:
         if _inside(src, path):
             raise ConversionError(f"the output {path} would replace the input {src}; choose another directory.")
     if os.path.lexists(path) and not force:
         raise ConversionError(f"{path} already exists; pass --force to replace it.")
+    why = _not_replaceable(path, kind) if os.path.lexists(path) else None
+    if why:
+        raise ConversionError(f"{path} exists and --force replaces only an earlier output of this conversion, but "
+                              f"{why}. Choose another directory, or move it away yourself.")
     parent, base = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     _remove_dead_outputs(parent)
@@ -222,7 +258,7 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
             _say(f"  layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.0f}s)")
         return layer_from_hf(_finite(hf, {k: weights[k] for k in layer_keys[layer]}), layer, cfg)
 
-    with single_process_megatron(), atomic_output(save, force, protect=(hf,)) as tmp:
+    with single_process_megatron(), atomic_output(save, force, protect=(hf,), kind="checkpoint") as tmp:
         it_dir = iteration_dir(tmp, iteration)
         os.makedirs(it_dir)
         # No optimizer and no layout: the trainer starts a fresh optimizer and LR schedule from these weights.
@@ -233,7 +269,7 @@ def from_hf(hf: str, save: str, tensor_model_parallel_size: int = 1, pipeline_mo
         save_streaming(cfg, it_dir, produce, common)
         ckpt_format.write_config(it_dir, cfg)
         ckpt_integrity.write_manifest(it_dir, ckpt_integrity.digest_files(it_dir, os.listdir(it_dir)),
-                                      run_id=f"convert-from-hf-{os.getpid()}-{int(time.time())}")
+                                      run_id=f"{CONVERTED_RUN_PREFIX}{os.getpid()}-{int(time.time())}")
         ckpt_format.write_tracker(tmp, iteration)
         summary = dict(direction="from-hf", source=os.path.abspath(hf), save=os.path.abspath(save),
                        iteration=iteration, dtype=str(out_dtype).replace("torch.", ""),
@@ -296,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer", default=None,
                     help="local HF tokenizer directory to copy (sets bos/eos ids); default: the tokenizer the "
                          "checkpoint records (pretrain's --tokenizer-model)")
-    to.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (default 5GB)")
+    to.add_argument("--max-shard-size", type=size_arg, default="5GB",
+                    help="safetensors shard size limit, e.g. 5GB, 500MB, 2GiB or bytes (default 5GB)")
     to.add_argument("--grin-config", default=None, metavar="FILE",
                     help="grin_config.json naming the model (default: the checkpoint's own, else the args of a "
                          "Megatron-LM checkpoint from patches/pretrain_grin.py, else <load>/grin_config.json)")

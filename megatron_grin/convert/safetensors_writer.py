@@ -17,6 +17,7 @@ spaces to a multiple of 8, then the raw little-endian tensor bytes in offset ord
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -53,16 +54,28 @@ class Entry:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB' / '500MB' / '2GiB' / 12345 -> bytes (decimal units like transformers' max_shard_size)."""
+    """'5GB' / '500MB' / '2GiB' / 12345 -> bytes (decimal units like transformers' max_shard_size); > 0."""
     if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or a number of bytes")
-    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(value * scale)
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), flags=re.IGNORECASE)
+        if not m:
+            raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or a number of bytes")
+        value, unit = float(m.group(1)), (m.group(2) or "B").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+        size = int(value * scale)
+    if size <= 0:  # a limit of 0 would put every tensor in a file of its own
+        raise ValueError(f"size {text!r} must be at least 1 byte; use e.g. 5GB or 500MB")
+    return size
+
+
+def size_arg(token: str) -> int:
+    """argparse ``type=`` for a size: a bad one is a usage error that names the flag."""
+    try:
+        return parse_size(token)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def plan_shards(entries: Iterable[tuple[str, Sequence[int], torch.dtype]],

@@ -31,12 +31,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
 
 from megatron_grin.accounting import parameter_counts
 from megatron_grin.config import PRESETS, ConfigError, GrinConfig
 from megatron_grin.settings import bounded
-from megatron_grin.training.arguments import config_path, megatron_flags, scan_mapping
+from megatron_grin.training.arguments import config_path, megatron_flags, read_yaml, scan_mapping
 from megatron_grin.training.resolve import model_config
 from megatron_grin.plan import calibration, planner, report
 from megatron_grin.plan.layout import RECOMPUTE_MODES, Assumptions, Implementation, Layout
@@ -56,11 +55,7 @@ _LAYOUT_KEYS = {
 }
 
 def _load_yaml(path: Path) -> dict:
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a YAML mapping")
-    return data
+    return read_yaml(str(path))
 
 
 def read_configs(paths: Sequence[str]) -> tuple[dict, dict, list[str]]:
@@ -226,6 +221,14 @@ def _implementation(args: argparse.Namespace, cfg: GrinConfig) -> Implementation
     return impl
 
 
+def _whole_nodes(gpus: int, gpus_per_node: int) -> list[str]:
+    """A job of more than one node takes whole nodes (the planner places TP and DP groups by node)."""
+    if gpus > gpus_per_node and gpus % gpus_per_node:
+        return [f"--gpus {gpus} is not a multiple of --gpus-per-node {gpus_per_node}: a job of several nodes takes "
+                "whole nodes; change --gpus or --gpus-per-node"]
+    return []
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -238,9 +241,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lay = _layout_from(settings, slurm, args, cfg)
         asm = _assumptions(args, slurm)
         impl = _implementation(args, cfg)
-        problems = impl.problems()
+        problems = impl.problems() + _whole_nodes(lay.gpus, asm.gpus_per_node)
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError(problems)
         planner.resolve(asm, cal)  # an unknown --device fails here, before any layout is evaluated
     except (ConfigError, OSError, ValueError, TypeError) as err:
         print(f"megatron-grin plan: {err}", file=sys.stderr)
@@ -249,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run_search(cfg, lay, impl, asm, args, files, cal)
     problems = lay.problems(cfg, asm.gpus_per_node)
     if problems:
-        print("megatron-grin plan: invalid layout: " + "; ".join(problems), file=sys.stderr)
+        print("\n".join(["megatron-grin plan: invalid layout:"] + [f"  - {p}" for p in problems]), file=sys.stderr)
         return 2
     plan = evaluate(cfg, lay, impl, asm, cal)
     fixes = [] if plan.fits else suggestions(cfg, lay, impl, asm, cal)

@@ -46,7 +46,7 @@ class Layout:
             cfg.replace(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                         virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None).validate()
         except ConfigError as err:
-            out.append(str(err))
+            out += err.problems
         if self.gpus % (self.tp * self.pp):
             out.append(f"{self.gpus} GPUs are not divisible by TP {self.tp} x PP {self.pp}")
         if self.tp > gpus_per_node:

@@ -255,12 +255,41 @@ def config_path(name: str) -> str:
     raise ConfigError(f"--config {name}: no such file, and not a packaged config ({', '.join(shipped)})")
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (PyYAML itself silently keeps the last value)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: a config must say each value once."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise DuplicateKeyError(None, None, f"key {key!r} given twice (lines {line} and "
+                                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str) -> dict:
+    """A config file's mapping; every reader of megatron-grin's YAML configs (pretrain, plan) goes through here."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=UniqueKeyLoader)
     except OSError as err:
         raise ConfigError(f"--config {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({err.reason} at byte {err.start}); save the file "
+                          "as UTF-8") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"--config {path}: {err.problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
     if data is None:
@@ -335,14 +364,36 @@ class Parsed:
     exit_missing: bool = False  # --exit-on-missing-checkpoint and nothing to load: exit 0 (as Megatron-LM)
 
 
-def world_size_from_env(env: Optional[dict] = None) -> int:
-    """World size the launcher announced (torchrun's WORLD_SIZE, else Slurm's SLURM_NTASKS), else 1."""
+def launcher_ranks(env: Optional[dict] = None) -> tuple[int, int]:
+    """(rank, world size) the launcher announced (torchrun's RANK / WORLD_SIZE, else Slurm's SLURM_PROCID /
+    SLURM_NTASKS), else (0, 1). Raises ConfigError naming a variable that is not a valid count or rank."""
     env = os.environ if env is None else env
     if "RANK" in env or "WORLD_SIZE" in env:
-        return int(env.get("WORLD_SIZE", 1))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_NTASKS"])
-    return 1
+        names = ("RANK", "WORLD_SIZE")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        names = ("SLURM_PROCID", "SLURM_NTASKS")
+    else:
+        return 0, 1
+    rank_name, world_name = names
+    world = _env_int(env, world_name, "1")
+    if world is None or world < 1:
+        raise ConfigError(f"environment variable {world_name}={env[world_name]!r}: must be a positive integer "
+                          "(the number of ranks; for a dry run of an N-rank job: WORLD_SIZE=N)")
+    rank = _env_int(env, rank_name, "0")
+    if rank is None or not 0 <= rank < world:
+        raise ConfigError(f"environment variable {rank_name}={env[rank_name]!r}: must be a non-negative integer "
+                          f"below {world_name}={world}")
+    return rank, world
+
+
+def _env_int(env: dict, name: str, default: str) -> Optional[int]:
+    text = env.get(name, default).strip()
+    return int(text) if text.lstrip("-").isdecimal() else None  # not int(): it takes "1_0" and "+1"
+
+
+def world_size_from_env(env: Optional[dict] = None) -> int:
+    """World size the launcher announced (see :func:`launcher_ranks`), else 1."""
+    return launcher_ranks(env)[1]
 
 
 def gather(argv: Sequence[str]) -> tuple[dict, list, Optional[str], bool]:

@@ -158,6 +158,9 @@ def check_splits(infos: list[dict], weights: Optional[list], split: str, sizes: 
     bookends = split_bookends(parse_split(split))
     problems = []
     for name, ends, size in zip(SPLIT_NAMES, bookends, sizes):
+        if ends is None and size and name == "train":
+            problems.append(f"--split {split}: the train share is 0, and {size} train samples are needed; give the "
+                            "train split a positive weight, e.g. --split 98,2,0.")
         if ends is None or not size:
             continue
         for i, info in enumerate(infos):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_grin.config import GrinConfig
+from megatron_grin.training.run_config import SEED_STRIDE_PER_STAGE
 
 
 @dataclass
@@ -78,7 +79,7 @@ def init_distributed(cfg: GrinConfig, timeout_minutes: int = 10) -> DistEnv:
 
 def set_seed(seed: int) -> None:
     """Megatron-LM's seeding: one seed per pipeline stage, TP ranks get theirs from the RNG tracker."""
-    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    seed = seed + SEED_STRIDE_PER_STAGE * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -70,7 +70,8 @@ def _checkpoint_text(t: TrainConfig) -> str:
     return f"{load}; {save}"
 
 
-def _plan_lines(c: GrinConfig, t: TrainConfig) -> list[str]:
+def _plan_lines(c: GrinConfig, t: TrainConfig) -> tuple[list[str], bool]:
+    """The planner's estimate, and whether it fits (True when there is no estimate)."""
     vpp = c.virtual_pipeline_model_parallel_size or 1
     try:
         lay = Layout(gpus=t.world_size, tp=c.tensor_model_parallel_size, pp=c.pipeline_model_parallel_size, vpp=vpp,
@@ -80,21 +81,24 @@ def _plan_lines(c: GrinConfig, t: TrainConfig) -> list[str]:
                      distributed_optimizer=t.use_distributed_optimizer, bf16=c.bf16)
         plan = planner.evaluate(c, lay).to_dict()
     except Exception as err:  # the planner models GPU layouts; say why there is no estimate rather than fail
-        return [f"planner: no estimate for this layout ({type(err).__name__}: {err})"]
+        return [f"planner: no estimate for this layout ({type(err).__name__}: {err})"], True
     speed = plan["time"].get("tokens_per_s_per_gpu")
     return [f"planner (megatron-grin plan, per GPU, {plan['assumptions'].get('gpu_memory_gib', '?')} GiB): peak "
             f"{plan['peak_gib']:.1f} GiB on PP rank {plan['peak_rank']} ({100 * plan['headroom']:.0f}% headroom, "
             f"{'fits' if plan['fits'] else 'DOES NOT FIT'})"
-            + (f", about {speed:.0f} tokens/s/GPU" if speed else "")]
+            + (f", about {speed:.0f} tokens/s/GPU" if speed else "")], bool(plan["fits"])
 
 
 def report(parsed) -> str:
     """The resolved model and run, the planner's estimate and how each Megatron-LM flag was taken."""
     c, t = parsed.cfg, parsed.tcfg
-    lines = ["dry run: the configuration is valid; nothing was started."]
+    plan, fits = _plan_lines(c, t)
+    lines = ["dry run: the configuration is valid; nothing was started." if fits else
+             "dry run: the flags are valid, but the planner estimates that this layout does NOT FIT in GPU memory "
+             "(below: `megatron-grin plan` suggests layouts that do); nothing was started."]
     if parsed.config_file:
         lines.append(f"config file: {parsed.config_file}")
-    lines += _model_lines(c, parsed.model_source) + _run_lines(c, t) + _plan_lines(c, t)
+    lines += _model_lines(c, parsed.model_source) + _run_lines(c, t) + plan
     if parsed.notes:
         lines.append("Megatron-LM flags accepted without effect, or passed through:")
         lines += [f"  {note}" for note in parsed.notes]

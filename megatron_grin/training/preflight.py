@@ -22,10 +22,26 @@ from megatron_grin.config import GrinConfig
 from megatron_grin.training.data_files import check_splits, default_cache_root, parse_data_path, read_idx_info
 
 
-def writable(flag: str, path: Optional[str]) -> Optional[str]:
-    """None if this process can create files in ``path`` (created if missing), else a message naming the flag."""
+def sample_counts(tcfg) -> tuple[int, int]:
+    """Samples to build for (train, valid), as Megatron-LM sizes them."""
+    gbs = tcfg.global_batch_size
+    evals = (tcfg.train_iters // tcfg.eval_interval if tcfg.eval_interval else 0) + 1
+    return tcfg.train_iters * gbs, (evals * tcfg.eval_iters * gbs if tcfg.eval_iters else 0)
+
+
+def split_sizes(tcfg) -> tuple[int, int, int]:
+    """(train, valid, test) samples the run draws (a run of 0 iterations still builds a train split)."""
+    train, valid = sample_counts(tcfg)
+    return max(train, 1), valid, 0
+
+
+def writable(flag: str, path: Optional[str], create: bool = True) -> Optional[str]:
+    """None if this process can create files in ``path`` (created if missing, unless ``create`` is False: a dry
+    run creates nothing, and checks the nearest existing directory), else a message naming the flag."""
     if not path:
         return None
+    if not create:
+        return _could_create(flag, path)
     probe = os.path.join(path, f".grin-write-test-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -35,6 +51,17 @@ def writable(flag: str, path: Optional[str]) -> Optional[str]:
     except OSError as err:
         return (f"{flag} {path} is not writable ({err.strerror}): point {flag} at a directory this job can write "
                 "(found now rather than at the first save).")
+    return None
+
+
+def _could_create(flag: str, path: str) -> Optional[str]:
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not a directory" if not os.path.isdir(probe) else "is not writable"
+        return (f"{flag} {path}: {probe} {what}; point {flag} at a directory this job can write (found now rather "
+                "than at the first save).")
     return None
 
 
@@ -69,8 +96,9 @@ def data_problems(tcfg, sizes: Sequence[int]) -> list[str]:
         return [str(err)]
 
 
-def problems(cfg: GrinConfig, tcfg, sizes: Sequence[int]) -> list[str]:
-    """Everything above, for the run ``cfg``/``tcfg`` that draws ``sizes`` (train, valid, test) samples."""
+def problems(cfg: GrinConfig, tcfg, sizes: Sequence[int], create: bool = True) -> list[str]:
+    """Everything above, for the run ``cfg``/``tcfg`` that draws ``sizes`` (train, valid, test) samples
+    (``create=False``: a dry run, which creates no directory)."""
     out = []
     if tcfg.load:
         try:
@@ -86,7 +114,7 @@ def problems(cfg: GrinConfig, tcfg, sizes: Sequence[int]) -> list[str]:
     for flag, path in (("--save", tcfg.save), ("--log-dir", tcfg.log_dir), ("--tensorboard-dir", tcfg.tensorboard_dir),
                        ("--wandb-save-dir", tcfg.wandb_save_dir if tcfg.wandb_project else None),
                        ("--data-cache-path", cache)):
-        problem = writable(flag, path)
+        problem = writable(flag, path, create)
         if problem:
             out.append(problem)
     out += [p for p in [space_problem(cfg, tcfg.save, tcfg.load)] if p and not out]

@@ -47,8 +47,13 @@ def _iter_texts(path: str, json_key: str) -> Iterator[str]:
         except UnicodeDecodeError as err:
             raise ValueError(f"--input {path}: not UTF-8 text ({err}); convert it to UTF-8 first") from err
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"--input {path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                                 "convert the file to UTF-8 first") from err
             if not line.strip():
                 continue
             try:
@@ -146,11 +151,15 @@ def preprocess(
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"
     tmp_bin, tmp_idx = f"{bin_path}.tmp{os.getpid()}", f"{idx_path}.tmp{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    except OSError as err:
+        raise ValueError(f"--output-prefix {output_prefix}: cannot write {bin_path} ({err.strerror or err}); choose a "
+                         "prefix in a directory this job can write") from None
 
     texts = (text for path in inputs for text in _iter_texts(path, json_key))
     documents = tokens = skipped = 0
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     docs = _tokenized(texts, tokenizer, append_eod, workers)
     try:
         for ids in docs:

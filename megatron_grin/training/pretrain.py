@@ -8,22 +8,21 @@ problem at once; megatron-core, torch.distributed and the model load only for a 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import Optional
 
 from megatron_grin.cli import quiet_missing_extras
 from megatron_grin.config import ConfigError
-from megatron_grin.training.arguments import PROG, build_parser, parse
+from megatron_grin.training.arguments import PROG, build_parser, launcher_ranks, parse
+from megatron_grin.training import preflight
 from megatron_grin.training.dry_run import report
 
 log = logging.getLogger("megatron_grin.training.pretrain")
 
 
-def setup_logging() -> None:
+def setup_logging(rank: int) -> None:
     """Our INFO lines on rank 0; megatron's and torch's chatter only from WARNING up."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s grin r{rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     for noisy in ("megatron", "torch.distributed", "matplotlib"):
@@ -47,8 +46,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         except BrokenPipeError:  # `--help | head`
             sys.stderr.close()
         return 0
-    setup_logging()
     try:
+        setup_logging(launcher_ranks()[0])
         parsed = parse(argv)
     except ConfigError as err:
         print_problems(err.problems)
@@ -57,6 +56,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f">> '--exit-on-missing-checkpoint' set: --load {parsed.tcfg.load} holds no checkpoint, exiting. <<")
         return 0
     if parsed.dry_run:
+        problems = preflight.problems(parsed.cfg, parsed.tcfg, preflight.split_sizes(parsed.tcfg), create=False)
+        if problems:
+            print_problems(problems)
+            return 2
         print(report(parsed))
         return 0
     for note in parsed.notes:

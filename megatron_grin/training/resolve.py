@@ -17,7 +17,7 @@ from megatron_grin.config import GrinConfig, preset
 from megatron_grin.settings import declared
 from megatron_grin.training import run_checks
 from megatron_grin.training.flag_table import MegatronFlag
-from megatron_grin.training.run_config import TrainConfig
+from megatron_grin.training.run_config import SEED_MAX, SEED_STRIDE_PER_STAGE, TrainConfig
 
 #: fields whose Megatron-LM default megatron-grin does not adopt (docs/training.md, "Differences")
 KEEP_OURS = {"sequence_parallel", "moe_router_fusion", "moe_permute_fusion", "moe_grouped_gemm",
@@ -339,6 +339,11 @@ def batch_problems(cfg: GrinConfig, t: TrainConfig) -> list[str]:
                    "sequence parallelism")
     if t.min_lr > t.lr:
         out.append(f"--min-lr {t.min_lr:g} must not exceed --lr {t.lr:g}")
+    last_stage_seed = t.seed + SEED_STRIDE_PER_STAGE * (pp - 1)
+    if last_stage_seed > SEED_MAX:
+        out.append(f"--seed {t.seed}: the last pipeline stage seeds with {last_stage_seed} (--seed + "
+                   f"{SEED_STRIDE_PER_STAGE} x stage), above numpy's {SEED_MAX}; use --seed <= "
+                   f"{SEED_MAX - SEED_STRIDE_PER_STAGE * (pp - 1)}")
     if t.train_iters is not None and t.train_iters >= 0 and t.lr_decay_steps:
         if t.lr_warmup_steps and t.lr_warmup_steps >= t.lr_decay_steps:
             out.append(f"the warmup ({t.lr_warmup_steps:g} samples) must be shorter than the decay "

@@ -20,6 +20,10 @@ CKPT, LOG, VAL, PROF, MIX, TC = ("checkpointing", "logging", "validation", "prof
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 WD_INCR_STYLES = ("constant", "linear", "cosine")
+#: numpy's RandomState (random.seed, megatron's dataset shuffles) takes seeds 0 .. 2**32 - 1
+SEED_MAX = 2**32 - 1
+#: Megatron-LM's seeding: pipeline stage s seeds with --seed + SEED_STRIDE_PER_STAGE * s (training/distributed.py)
+SEED_STRIDE_PER_STAGE = 100
 
 
 @dataclass
@@ -87,7 +91,7 @@ class TrainConfig:
     grad_reduce_in_bf16: bool = setting(False, "--grad-reduce-in-bf16", help="reduce gradients in bf16 (default: "
                                         "fp32)", group=MIX, kind="flag")
     seed: int = setting(1234, "--seed", help="seeds initialisation, data order and routing samples",
-                        group="RNG and initialization", type=int, ge=0)
+                        group="RNG and initialization", type=int, ge=0, le=SEED_MAX)
     distributed_timeout_minutes: int = setting(10, "--distributed-timeout-minutes", help="collective timeout",
                                                group=DIST, type=int, ge=1)
     # --- data --------------------------------------------------------------------------------

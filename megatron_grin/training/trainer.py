@@ -119,17 +119,10 @@ def build_optimizer(model: list, cfg: GrinConfig, tcfg: TrainConfig, tconfig) ->
 
 
 # --- data --------------------------------------------------------------------------------------------------
-def sample_counts(tcfg: TrainConfig) -> tuple[int, int]:
-    """Samples to build for (train, valid), as Megatron-LM sizes them."""
-    gbs = tcfg.global_batch_size
-    evals = (tcfg.train_iters // tcfg.eval_interval if tcfg.eval_interval else 0) + 1
-    return tcfg.train_iters * gbs, (evals * tcfg.eval_iters * gbs if tcfg.eval_iters else 0)
-
-
 def build_data(cfg: GrinConfig, tcfg: TrainConfig, chunks: int, consumed_train: int, consumed_valid: int):
     """(train iterators, valid iterators or None): one iterator per model chunk, at the saved position."""
 
-    train_samples, valid_samples = sample_counts(tcfg)
+    train_samples, valid_samples = preflight.sample_counts(tcfg)
     if tcfg.mock_data:  # megatron warns that it cannot cache the (synthetic) indices: expected, not news
         logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
     train_ds, valid_ds, _ = data.build_datasets(
@@ -298,8 +291,7 @@ class Trainer:
         set_seed(tcfg.seed)
         # Before anything is built: paths and data are usable, this run owns --save (locked), and the
         # checkpoint it resumes is intact.
-        train_samples, valid_samples = sample_counts(tcfg)
-        agree(None if self.env.rank else preflight.problems(cfg, tcfg, (max(train_samples, 1), valid_samples, 0)),
+        agree(None if self.env.rank else preflight.problems(cfg, tcfg, preflight.split_sizes(tcfg)),
               ConfigError)
         self.save_dir = open_save_dir(tcfg.save, resuming=resumes_from_save(tcfg), takeover=tcfg.save_dir_takeover,
                                       break_lock=tcfg.break_save_lock) if tcfg.save else None

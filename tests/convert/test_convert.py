@@ -366,9 +366,28 @@ def test_output_must_not_exist_unless_forced(hf_source, tmp_path, capsys):
     (save / "keep.txt").write_text("x")
     assert convert.main(["from-hf", "--hf", hf_source[0], "--save", str(save)]) == 1
     assert "--force" in capsys.readouterr().err and (save / "keep.txt").exists()
-    assert convert.main(["from-hf", "--hf", hf_source[0], "--save", str(save), "--force"]) == 0
+    assert convert.main(["from-hf", "--hf", hf_source[0], "--save", str(save), "--force"]) == 1  # not ours
+    assert "replaces only an earlier output" in capsys.readouterr().err and (save / "keep.txt").exists()
+    (save / "keep.txt").unlink()
+    assert convert.main(["from-hf", "--hf", hf_source[0], "--save", str(save), "--force"]) == 0  # empty
+    assert convert.main(["from-hf", "--hf", hf_source[0], "--save", str(save), "--force"]) == 0  # its own output
     assert sorted(os.listdir(save)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
     assert not _leftovers(str(save))
+
+
+def test_force_never_replaces_a_training_run_or_other_data(trained, hf_source, tmp_path, capsys):
+    """--force replaces an earlier output of the same conversion only: a training --save directory (its
+    checkpoints, run files) or a directory of other files stays as it was."""
+    root, _, _ = trained
+    run = _copy(root, tmp_path / "run")
+    before = sorted(os.listdir(run))
+    assert convert.main(["from-hf", "--hf", hf_source[0], "--save", run, "--force"]) == 1
+    assert "replaces only an earlier output" in capsys.readouterr().err and sorted(os.listdir(run)) == before
+    assert convert.main(["to-hf", "--load", root, "--out", run, "--force"]) == 1
+    assert "not a Hugging Face export" in capsys.readouterr().err and sorted(os.listdir(run)) == before
+    out = str(tmp_path / "hf")
+    assert convert.main(["to-hf", "--load", root, "--out", out]) == 0
+    assert convert.main(["to-hf", "--load", root, "--out", out, "--force"]) == 0  # an earlier export: replaced
 
 
 def test_to_hf_refuses_unfinished_and_damaged_checkpoints(trained, tmp_path, capsys):

@@ -84,3 +84,13 @@ def test_a_killed_conversion_leaves_nothing_behind(converted, tmp_path, capsys):
     assert convert.main(["to-hf", "--load", converted, "--out", out]) == 0
     assert "left by a conversion that was killed" in capsys.readouterr().err
     assert not _leftovers(out) and os.path.isfile(os.path.join(out, "config.json"))
+
+
+@pytest.mark.parametrize("size", ["abc", "1e3", "0", "-5", "0.5B"])
+def test_bad_max_shard_size_is_a_usage_error(size, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convert.build_parser().parse_args(["to-hf", "--load", "CK", "--out", "D", f"--max-shard-size={size}"])
+    assert exit_info.value.code == 2
+    assert "argument --max-shard-size:" in capsys.readouterr().err
+    args = convert.build_parser().parse_args(["to-hf", "--load", "CK", "--out", "D", "--max-shard-size", "2GiB"])
+    assert args.max_shard_size == 2 * 2**30

@@ -224,3 +224,33 @@ def test_search_space_is_valid_megatron_layouts():
     assert {lay.tp for lay in layouts} == {1, 2, 4, 8}
     assert all(not lay.problems(cfg) for lay in layouts)
     assert all(lay.vpp == 1 or lay.num_microbatches % lay.pp == 0 for lay in layouts)
+
+
+PLAN_BASE = ["--model-preset", "grin-16x3.8b", "--global-batch-size", "2048"]
+
+
+def test_config_file_problems_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "F.yaml"
+    bad.write_bytes(b"\xff\xfeslurm:\n  nodes: 8\n")
+    assert plan.main(["--config", str(bad)]) == 2
+    assert "F.yaml: not UTF-8 text (" in capsys.readouterr().err
+    dup = tmp_path / "cluster.yaml"
+    dup.write_text("slurm:\n  nodes: 8\ntrainer:\n  global_batch_size: 2048\n  global_batch_size: 1024\n")
+    assert plan.main(["--config", str(dup)]) == 2
+    err = capsys.readouterr().err
+    assert "cluster.yaml" in err and "key 'global_batch_size' given twice" in err
+
+
+def test_gpus_must_fill_whole_nodes(capsys):
+    assert plan.main(PLAN_BASE + ["--gpus", "64", "--gpus-per-node", "3"]) == 2
+    assert "--gpus 64 is not a multiple of --gpus-per-node 3" in capsys.readouterr().err
+    plan.main(PLAN_BASE + ["--gpus", "4", "--gpus-per-node", "8"])  # part of one node: the planner models it
+    assert "not a multiple" not in capsys.readouterr().err
+
+
+def test_layout_problems_one_per_line(capsys):
+    assert plan.main(PLAN_BASE + ["--gpus", "64", "--tp", "3"]) == 2
+    err = capsys.readouterr().err
+    assert ".;" not in err
+    assert "  - --moe-ffn-hidden-size 6400 is not divisible by --tensor-model-parallel-size 3" in err
+    assert "  - 64 GPUs are not divisible by TP 3 x PP 1" in err

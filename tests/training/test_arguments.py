@@ -395,3 +395,94 @@ def test_plan_suggestions_paste_into_pretrain():
         assert (cfg.virtual_pipeline_model_parallel_size or 1) == lay.vpp and t.micro_batch_size == lay.micro_batch_size
         assert (cfg.recompute_granularity or "none") == lay.recompute
         assert t.use_distributed_optimizer == lay.distributed_optimizer
+
+
+# --- bad input: config files, seeds, launcher environment, recomputation ---------------------------------------
+BASE = ("--model-preset", "test", "--mock-data", "--train-iters", "1")
+
+
+def test_config_file_not_utf8_is_named(tmp_path, capsys):
+    from megatron_grin.training import pretrain
+
+    path = tmp_path / "F.yaml"
+    path.write_bytes(b"\xff\xfehidden_size: 64\n")
+    expect_error(r"F\.yaml: not UTF-8 text \(", *BASE, "--config", str(path))
+    assert pretrain.main(["--config", str(path), "--dry-run", *BASE]) == 2
+    assert "F.yaml: not UTF-8 text (" in capsys.readouterr().err
+
+
+def test_config_duplicate_key_is_refused(tmp_path):
+    path = write_yaml(tmp_path, "hidden_size: 64\nnum_layers: 2\nhidden_size: 128\n")
+    msg = expect_error(r"key 'hidden_size' given twice \(lines 1 and 3\)", *BASE, "--config", path)
+    assert "run.yaml" in msg
+    from megatron_grin.training.arguments import read_yaml
+
+    anchors = write_yaml(tmp_path, "base: &b {seed: 1, lr: 0.1}\nrun: {<<: *b, seed: 2}\n")  # a merge may override
+    assert read_yaml(anchors)["run"] == {"seed": 2, "lr": 0.1}
+
+
+def test_seed_stays_in_numpys_range():
+    import numpy as np
+
+    from megatron_grin.training.run_config import SEED_MAX
+
+    with pytest.raises(ValueError):  # the reference: numpy's own bound
+        np.random.RandomState(SEED_MAX + 1)
+    np.random.RandomState(SEED_MAX)
+    expect_error(r"--seed 4294967296: must be >= 0 and <= 4294967295", *BASE, "--seed", str(2**32))
+    assert parse_args([*BASE, "--seed", str(SEED_MAX)])[1].seed == SEED_MAX
+    # set_seed adds 100 per pipeline stage: the last stage must stay in range too
+    expect_error(r"--seed 4294967295: the last pipeline stage seeds with 4294967395", *BASE, "--seed", str(SEED_MAX),
+                 "--pipeline-model-parallel-size", "2", world_size=2)
+    from megatron_grin.bench.cli import build_parser as bench_parser
+
+    with pytest.raises(SystemExit):
+        bench_parser().parse_args(["routing", "--seed", str(2**32)])
+
+
+@pytest.mark.parametrize("env, pattern", [
+    ({"WORLD_SIZE": "abc"}, r"WORLD_SIZE='abc': must be a positive integer"),
+    ({"WORLD_SIZE": "0"}, r"WORLD_SIZE='0': must be a positive integer"),
+    ({"WORLD_SIZE": "-2", "RANK": "0"}, r"WORLD_SIZE='-2': must be a positive integer"),
+    ({"WORLD_SIZE": "1_0"}, r"WORLD_SIZE='1_0': must be a positive integer"),
+    ({"RANK": "abc"}, r"RANK='abc': must be a non-negative integer below WORLD_SIZE=1"),
+    ({"RANK": "4", "WORLD_SIZE": "4"}, r"RANK='4': must be a non-negative integer below WORLD_SIZE=4"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"}, r"SLURM_NTASKS='x': must be a positive integer"),
+])
+def test_launcher_environment_must_be_valid(env, pattern, monkeypatch, capsys):
+    from megatron_grin.training import pretrain
+    from megatron_grin.training.arguments import launcher_ranks
+
+    with pytest.raises(ConfigError, match=pattern):
+        launcher_ranks(env)
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert pretrain.main([*BASE, "--dry-run"]) == 2
+    assert re.search(pattern, capsys.readouterr().err)
+    assert launcher_ranks({"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
+
+
+def test_recompute_flags_follow_megatron():
+    """Megatron-LM's validate_args refuses a method with selective granularity; TransformerConfig refuses
+    --recompute-num-layers with selective and requires it with full (checked against megatron-core itself)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    def core(**kw):
+        TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=1, **kw)
+
+    expect_error(r"--recompute-method block with --recompute-granularity selective.*drop --recompute-method",
+                 *BASE, "--recompute-granularity", "selective", "--recompute-method", "block")
+    with pytest.raises(ValueError):
+        core(recompute_granularity="selective", recompute_num_layers=1)
+    expect_error(r"--recompute-num-layers 1 with --recompute-granularity selective",
+                 *BASE, "--recompute-granularity", "selective", "--recompute-num-layers", "1")
+    with pytest.raises(ValueError):
+        core(recompute_granularity="full", recompute_method="uniform")
+    expect_error(r"full needs --recompute-num-layers", *BASE, "--recompute-granularity", "full",
+                 "--recompute-method", "uniform")
+    core(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    assert parse_args([*BASE, "--recompute-granularity", "full", "--recompute-method", "uniform",
+                       "--recompute-num-layers", "1"])[0].recompute_num_layers == 1
+    assert parse_args([*BASE, "--recompute-granularity", "selective"])[0].recompute_granularity == "selective"

@@ -467,3 +467,46 @@ def test_pretrain_on_a_tiny_corpus_trains_or_says_why_not(tmp_path):
     assert "iter " not in refused.stdout and "Traceback" not in refused.stderr
     trained = subprocess.run([*base, "--eval-iters", "0"], **run)
     assert trained.returncode == 0 and "iter       2/2" in trained.stdout, trained.stderr[-3000:]
+
+
+def test_a_split_without_a_train_share_is_refused_before_anything_is_built(tmp_path):
+    """--split 0,100,0 used to pass every check and end in a TypeError at the first forward step."""
+    prefix, _ = _corpus(tmp_path, n_docs=50)
+    with pytest.raises(ValueError, match="the train share is 0"):
+        data.build_datasets([prefix], "0,100,0", 8, 0, 10, 5, 0, ByteTokenizer())
+
+
+def test_the_dry_run_makes_the_run_s_preflight_checks_and_creates_nothing(tmp_path, capsys):
+    """What the real run refuses in its first seconds, --dry-run refuses too: bad --split, an output path that is
+    a file; and a dry run creates no directory."""
+    from megatron_grin.training.pretrain import main
+
+    prefix, _ = _corpus(tmp_path, n_docs=50)
+    base = ["--model-preset", "test", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", "2", "--eval-iters", "0", "--tokenizer", "byte", "--data-path", prefix, "--dry-run"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main([*base, "--split", "0,100,0"]) == 2
+    assert "the train share is 0" in capsys.readouterr().err
+    assert main([*base, "--split", "a,b,c"]) == 2
+    assert "--split 'a,b,c'" in capsys.readouterr().err
+    assert main([*base, "--save", str(a_file)]) == 2
+    assert f"--save {a_file}: {a_file} is not a directory" in capsys.readouterr().err
+    fresh = tmp_path / "new" / "save"
+    assert main([*base, "--save", str(fresh)]) == 0
+    assert "the configuration is valid" in capsys.readouterr().out and not (tmp_path / "new").exists()
+
+
+def test_preprocess_names_an_unwritable_output_and_a_non_utf8_line(tmp_path, capsys):
+    src = _write_jsonl(tmp_path / "in.jsonl", ["one", "two"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    argv = ["--input", str(src), "--tokenizer", "byte", "--output-prefix"]
+    assert preprocess_cli.main([*argv, str(a_file / "x")]) == 2
+    assert "--output-prefix" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n\xff\xfe{"text": "x"}\n')
+    assert preprocess_cli.main(["--input", str(bad), "--tokenizer", "byte", "--output-prefix",
+                                str(tmp_path / "out" / "c")]) == 2
+    assert f"--input {bad}:2: not UTF-8 text" in capsys.readouterr().err
+    assert not [n for n in os.listdir(tmp_path / "out") if ".tmp" in n]
