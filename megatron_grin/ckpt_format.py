@@ -83,13 +83,25 @@ def is_complete(path: str) -> bool:
     return all(os.path.isfile(os.path.join(path, name)) for name in COMMIT_FILES)
 
 
+_WARNED_TRACKERS: set = set()
+
+
 def read_tracker(root: str) -> Optional[int]:
+    """The tracker's iteration; None when there is none, or (said once per file) when it holds no iteration
+    number: the newest complete checkpoint is then taken, as for a tracker naming an incomplete one."""
+    path = os.path.join(root, TRACKER_NAME)
     try:
-        with open(os.path.join(root, TRACKER_NAME), encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    if text.isdigit():
+        return int(text)
+    if path not in _WARNED_TRACKERS:
+        _WARNED_TRACKERS.add(path)
+        log.warning("%s holds %r, not an iteration number; taking the newest complete checkpoint in %s", path,
+                    text[:40], root)
+    return None
 
 
 def write_tracker(root: str, iteration: int) -> None:

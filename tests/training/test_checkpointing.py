@@ -2,6 +2,7 @@
 a --save directory owned and locked by one run; checksums verified before use, with fallback; clean failures."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -624,3 +625,15 @@ def test_longer_run_with_constant_weight_decay_resumes_the_schedule():
     assert resumed.num_steps == 3 and resumed.wd_incr_steps == 24
     linear = scheduler(24, "linear", end_wd=0.1)
     assert _unused_wd_steps_as_now(scheduler(12, "linear", end_wd=0.1).state_dict(), linear)["wd_incr_steps"] == 12
+
+
+def test_a_tracker_without_an_iteration_number_is_said(tmp_path, caplog):
+    """Megatron-LM exits on a garbled tracker; megatron-grin takes the newest complete checkpoint, and says so."""
+    from megatron_grin.ckpt_format import TRACKER_NAME, read_tracker
+
+    (tmp_path / TRACKER_NAME).write_text("abc")
+    with caplog.at_level(logging.WARNING, logger="megatron_grin.ckpt_format"):
+        assert read_tracker(str(tmp_path)) is None
+    assert "holds 'abc', not an iteration number" in caplog.text
+    (tmp_path / TRACKER_NAME).write_text("12\n")
+    assert read_tracker(str(tmp_path)) == 12
