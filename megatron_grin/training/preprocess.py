@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import sys
 import sysconfig
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_grin.training.arguments import unknown_flags
+from megatron_grin.training.tokenize_pool import tokenized
 from megatron_grin.training.tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,42 +67,6 @@ def _iter_texts(path: str, json_key: str) -> Iterator[str]:
             if not isinstance(text, str):
                 raise ValueError(f"--input {path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
             yield text
-
-
-def _encode(tokenizer: Tokenizer, text: str, append_eod: bool) -> numpy.ndarray:
-    """Token ids of one document as int64, with the end-of-document id appended if asked."""
-    if hasattr(tokenizer, "encode_array"):
-        ids = tokenizer.encode_array(text).astype(numpy.int64)
-    else:
-        ids = numpy.asarray(tokenizer.encode(text), dtype=numpy.int64)
-    if append_eod and ids.size:
-        ids = numpy.append(ids, tokenizer.eod)
-    return ids
-
-
-_WORKER_STATE: dict = {}  # per worker process only: the tokenizer rebuilt from its spec
-
-
-def _worker_init(spec: str, append_eod: bool) -> None:
-    _WORKER_STATE["tokenizer"] = build_tokenizer(spec)
-    _WORKER_STATE["append_eod"] = append_eod
-
-
-def _worker_encode(text: str) -> numpy.ndarray:
-    return _encode(_WORKER_STATE["tokenizer"], text, _WORKER_STATE["append_eod"])
-
-
-def _tokenized(
-    texts: Iterable[str], tokenizer: Tokenizer, append_eod: bool, workers: int
-) -> Iterator[numpy.ndarray]:
-    """Tokenize in order; with workers > 1, spawned processes rebuild the tokenizer from its spec."""
-    if workers == 1:
-        for text in texts:
-            yield _encode(tokenizer, text, append_eod)
-        return
-    ctx = multiprocessing.get_context("spawn")  # fork after torch/threads is not safe
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(tokenizer.spec, append_eod)) as pool:
-        yield from pool.imap(_worker_encode, texts, chunksize=16)
 
 
 def _fsync(path: str) -> None:
@@ -160,7 +123,7 @@ def preprocess(
 
     texts = (text for path in inputs for text in _iter_texts(path, json_key))
     documents = tokens = skipped = 0
-    docs = _tokenized(texts, tokenizer, append_eod, workers)
+    docs = tokenized(texts, tokenizer, append_eod, workers)
     try:
         for ids in docs:
             if ids.size == 0:
