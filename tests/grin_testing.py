@@ -128,3 +128,12 @@ def philox_python(ctr, key, rounds=10):
         c0, c1, c2, c3 = ((pb >> 32) ^ c1 ^ k0) & mask, pb & mask, ((pa >> 32) ^ c3 ^ k1) & mask, pa & mask
         k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
     return c0, c1, c2, c3
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

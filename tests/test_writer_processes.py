@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from grin_testing import process_running
+
 SCRIPT = r"""
 import multiprocessing as mp, os, sys, time
 from megatron_grin.ckpt_format import writer_process_init
@@ -26,14 +28,6 @@ if __name__ == "__main__":
         time.sleep(60)
     os._exit(0)  # the rank dies, as under kill -9: no cleanup
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _start(tmp_path, delay: float, rank_lives: bool):
@@ -56,9 +50,9 @@ def test_a_writer_whose_rank_died_before_it_started_exits(tmp_path):
     rank, writer, _ = _start(tmp_path, delay=1.0, rank_lives=False)
     rank.wait(timeout=30)
     try:
-        assert _wait(lambda: not _alive(writer), timeout=15), "the orphaned writer kept running"
+        assert _wait(lambda: not process_running(writer), timeout=15), "the orphaned writer kept running"
     finally:
-        if _alive(writer):
+        if process_running(writer):
             os.kill(writer, 9)
 
 
@@ -66,11 +60,11 @@ def test_a_writer_lives_while_its_rank_does_and_dies_with_it(tmp_path):
     rank, writer, ready = _start(tmp_path, delay=0.0, rank_lives=True)
     try:
         assert _wait(lambda: os.path.exists(ready), timeout=30)
-        assert _alive(writer)
+        assert process_running(writer)
         rank.kill()  # kill -9 of the rank: the kernel's death signal takes the writer
         rank.wait(timeout=30)
-        assert _wait(lambda: not _alive(writer), timeout=15)
+        assert _wait(lambda: not process_running(writer), timeout=15)
     finally:
         for pid in (rank.pid, writer):
-            if _alive(pid):
+            if process_running(pid):
                 os.kill(pid, 9)

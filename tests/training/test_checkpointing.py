@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from grin_testing import process_running
 from test_train import ROOT, TINY, descendants, env, losses, pretrain_cmd, records, run_pretrain, wait_for
 
 from megatron_grin import ckpt_format, ckpt_integrity
@@ -247,16 +248,8 @@ def wait_for_exit(pids: list, timeout: float = 20.0) -> list:
     alive = list(pids)
     while alive and time.time() < deadline:
         time.sleep(0.1)
-        alive = [p for p in alive if _running(p)]
+        alive = [p for p in alive if process_running(p)]
     return alive
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # --- other layouts -------------------------------------------------------------------------------------------
