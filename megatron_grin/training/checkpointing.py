@@ -75,6 +75,7 @@ from megatron_grin.training import megatron_checkpoint
 from megatron_grin.training.arguments import megatron_flags
 from megatron_grin.training.data_files import parse_data_path
 from megatron_grin.training.metrics import all_reduce
+from megatron_grin.training.run_checks import check_schedule
 from megatron_grin.training.ckpt_choice import agree, all_gather
 from megatron_grin.training.save_dir import SaveDir
 
@@ -423,31 +424,6 @@ def resume_facts(tcfg) -> dict:
 
 # --- what a resumed run is compared against --------------------------------------------------------------------
 #: OptimizerParamScheduler fields megatron's load_state_dict checks (_check_and_set) -> the flag that sets them
-SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters (x global batch)",
-                  "lr_decay_steps": "--lr-decay-iters, default --train-iters (x global batch)",
-                  "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
-                  "wd_incr_steps": "--train-iters (x global batch)", "wd_incr_style": "(weight-decay style)"}
-
-
-def check_schedule(saved: dict, current: dict, policy: str) -> list[str]:
-    """Megatron-LM's rule for a changed LR/WD schedule on resume: refused unless
-    --override-opt-param-scheduler (this run's values) or --use-checkpoint-opt-param-scheduler (the saved ones)."""
-    constant_wd = saved.get("wd_incr_style") == current.get("wd_incr_style") == "constant" and \
-        saved.get("start_wd") == saved.get("end_wd")
-    diffs = [(k, saved[k], current[k]) for k in SCHEDULE_FLAGS if k in saved and k in current and saved[k] != current[k]
-             and not (k == "wd_incr_steps" and constant_wd)]  # a constant weight decay never reads it
-    if not diffs:
-        return []
-    listed = "; ".join(f"{k} ({SCHEDULE_FLAGS[k]}): checkpoint {a!r}, this run {b!r}" for k, a, b in diffs)
-    if policy == "override":
-        return [f"--override-opt-param-scheduler: using this run's schedule ({listed})"]
-    if policy == "checkpoint":
-        return [f"--use-checkpoint-opt-param-scheduler: keeping the checkpoint's schedule ({listed})"]
-    raise CheckpointError(f"the learning-rate schedule differs from the checkpoint's: {listed}. Pass the same flags, "
-                          "or --override-opt-param-scheduler to use this run's values, or "
-                          "--use-checkpoint-opt-param-scheduler to keep the checkpoint's (as in Megatron-LM).")
-
-
 def _unused_wd_steps_as_now(saved: dict, scheduler) -> dict:
     """megatron's scheduler asserts that wd_incr_steps (train iterations x batch) matches the checkpoint's even where
     a constant weight decay never reads it; then, like check_schedule, a longer run resumes (the value is moot)."""

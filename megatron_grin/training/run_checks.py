@@ -13,6 +13,7 @@ from typing import Optional
 
 from megatron_grin import ckpt_format
 from megatron_grin.ckpt_format import CheckpointError
+from megatron_grin.ckpt_integrity import read_common_state
 from megatron_grin.config import ConfigError, GrinConfig, have_transformer_engine, resolve_backend
 from megatron_grin.training import data_files, megatron_checkpoint
 from megatron_grin.training.tokenizer import build_tokenizer, static_vocab_size, tokenizer_dir_problem
@@ -108,6 +109,56 @@ def _checkpoint_model(r) -> list[str]:
             ckpt_format.check_checkpoint_config(t.load, r.cfg, step=t.ckpt_step, load_optim=load_optim)
     except CheckpointError as err:
         return err.problems
+    return _schedule(t, path) if load_optim else []
+
+
+# --- the learning-rate schedule of the checkpoint resumed ----------------------------------------------------
+SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters (x global batch)",
+                  "lr_decay_steps": "--lr-decay-iters, default --train-iters (x global batch)",
+                  "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+                  "wd_incr_steps": "--train-iters (x global batch)", "wd_incr_style": "(weight-decay style)"}
+
+
+def check_schedule(saved: dict, current: dict, policy: str) -> list[str]:
+    """Megatron-LM's rule for a changed LR/WD schedule on resume: refused unless
+    --override-opt-param-scheduler (this run's values) or --use-checkpoint-opt-param-scheduler (the saved ones)."""
+    constant_wd = saved.get("wd_incr_style") == current.get("wd_incr_style") == "constant" and \
+        saved.get("start_wd") == saved.get("end_wd")
+    diffs = [(k, saved[k], current[k]) for k in SCHEDULE_FLAGS if k in saved and k in current and saved[k] != current[k]
+             and not (k == "wd_incr_steps" and constant_wd)]  # a constant weight decay never reads it
+    if not diffs:
+        return []
+    listed = "; ".join(f"{k} ({SCHEDULE_FLAGS[k]}): checkpoint {a!r}, this run {b!r}" for k, a, b in diffs)
+    if policy == "override":
+        return [f"--override-opt-param-scheduler: using this run's schedule ({listed})"]
+    if policy == "checkpoint":
+        return [f"--use-checkpoint-opt-param-scheduler: keeping the checkpoint's schedule ({listed})"]
+    raise CheckpointError(f"the learning-rate schedule differs from the checkpoint's: {listed}. Pass the same flags, "
+                          "or --override-opt-param-scheduler to use this run's values, or "
+                          "--use-checkpoint-opt-param-scheduler to keep the checkpoint's (as in Megatron-LM).")
+
+
+def scheduler_policy(t: TrainConfig) -> str:
+    """Whose schedule a resume with a changed one takes (check_schedule's ``policy``)."""
+    return "override" if t.override_opt_param_scheduler else \
+        "checkpoint" if t.use_checkpoint_opt_param_scheduler else "refuse"
+
+
+def _schedule(t: TrainConfig, path: str) -> list[str]:
+    """A changed LR schedule is refused with the flags (the trainer checks again when it loads): the saved
+    scheduler state read from common.pt without torch, against the one this run would build."""
+    try:
+        common = read_common_state(os.path.join(path, ckpt_format.COMMON_NAME))
+    except CheckpointError:
+        return []  # damaged: the trainer verifies it, says so and falls back
+    saved = common.get("opt_param_scheduler")
+    grin = common.get("grin")
+    if not isinstance(saved, dict) or (isinstance(grin, dict) and not grin.get("has_optimizer", True)):
+        return []  # converted weights (no optimizer, no schedule to continue)
+    try:
+        check_schedule(saved, t.scheduler_kwargs(), scheduler_policy(t))
+    except CheckpointError as err:
+        return [f"--load {path}: {p}" for p in err.problems]
     return []
 
 

@@ -57,6 +57,7 @@ from megatron_grin.training.metrics import (
     params_norm,
     routers,
 )
+from megatron_grin.training.run_checks import scheduler_policy
 from megatron_grin.training.run_config import TrainConfig
 from megatron_grin.training.run_control import RunControl, param_sync_funcs
 from megatron_grin.training.tokenizer import build_tokenizer
@@ -325,8 +326,7 @@ class Trainer:
                 log.warning("--load %s holds no checkpoint: starting from scratch", self.tcfg.load)
             return TrainState()
         tcfg = self.tcfg
-        policy = "override" if tcfg.override_opt_param_scheduler else \
-            "checkpoint" if tcfg.use_checkpoint_opt_param_scheduler else "refuse"
+        policy = scheduler_policy(tcfg)
         report = self.ckpt.load(self.found, finetune=tcfg.finetune, no_load_optim=tcfg.no_load_optim,
                                 no_load_rng=tcfg.no_load_rng, global_batch_size=tcfg.global_batch_size,
                                 scheduler_policy=policy)

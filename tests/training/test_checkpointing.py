@@ -27,7 +27,8 @@ from megatron_grin.ckpt_format import (
 )
 from megatron_grin.ckpt_integrity import checkpoint_problems
 from megatron_grin.training import save_dir
-from megatron_grin.training.checkpointing import check_schedule, prune
+from megatron_grin.training.checkpointing import prune
+from megatron_grin.training.run_checks import check_schedule
 
 
 # --- --load's choice (file system only) --------------------------------------------------------------------
@@ -544,6 +545,8 @@ def test_a_resume_compares_its_settings_with_the_checkpoint(adam_runs, tmp_path)
     refused = run_pretrain(*RESUME_ARGS, "--load", str(straight), "--lr", "2e-3", check=False)
     assert refused.returncode == 2 and "max_lr (--lr): checkpoint 0.001, this run 0.002" in refused.stderr
     assert "--override-opt-param-scheduler" in refused.stderr and "Traceback" not in refused.stderr
+    dry = run_pretrain(*RESUME_ARGS, "--load", str(straight), "--lr", "2e-3", "--dry-run", check=False)
+    assert dry.returncode == 2 and "max_lr (--lr): checkpoint 0.001, this run 0.002" in dry.stderr  # found with flags
     taken = run_pretrain(*RESUME_ARGS, "--load", str(straight), "--lr", "2e-3", "--override-opt-param-scheduler",
                          "--train-iters", "9", "--seq-length", "16", "--log-dir", str(tmp_path / "log"))
     assert "--seq-length changed since the checkpoint (32 -> 16)" in taken.stdout
