@@ -535,6 +535,13 @@ def megatron_allocates_on_meta():
         torch.cuda.current_device = original  # type: ignore[assignment]
 
 
+def fully_parallel_load_runs() -> bool:
+    """Whether --ckpt-fully-parallel-load can run here: megatron-core 0.16's FullyParallelLoadStrategyWrapper
+    exchanges the loaded shards as CUDA tensors (exchange_utils.exchange_loaded_tensors_broadcast), so without
+    CUDA each data-parallel rank reads its own shards instead (the default load)."""
+    return torch.cuda.is_available() or mcore_version()[:2] not in VERIFIED_MCORE
+
+
 class _SingleProcessBlendBuilder(BlendedMegatronDatasetBuilder):
     """megatron 0.16.1's BlendedDataset calls torch.distributed.get_rank() on a cache miss even without a process
     group; single-process, its (cheap to rebuild) cache is skipped instead."""

@@ -1,5 +1,6 @@
 """Each CPU accommodation for megatron-core: needed (fails without) and effective (works with)."""
 
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -193,3 +194,14 @@ def test_meta_build_points_megatron_allocations_at_meta():
         assert torch.cuda.current_device() == "meta"
         assert torch.empty(3, device=torch.cuda.current_device()).is_meta
     assert torch.cuda.current_device is original
+
+
+def test_fully_parallel_load_needs_cuda_in_megatron_0_16(monkeypatch, tmp_path):
+    """megatron-core 0.16's fully parallel load exchanges shards with .cuda(): on this CPU machine it cannot run,
+    and compat says so (the trainer then loads as by default, and logs it)."""
+    from megatron.core.dist_checkpointing import exchange_utils
+
+    assert "cuda()" in inspect.getsource(exchange_utils.exchange_loaded_tensors_broadcast)
+    assert compat.fully_parallel_load_runs() == torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compat.fully_parallel_load_runs()

@@ -54,6 +54,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_grin import compat
 from megatron_grin.ckpt_format import (
     CONFIG_NAME,
     MANIFEST_NAME,
@@ -209,11 +210,10 @@ class Checkpointer:
 
     def _load_strategy(self, path: str):
         """None (dist_checkpointing's default), or with --ckpt-fully-parallel-load the reads spread over the DP ranks
-        and the shards exchanged between them. megatron-core 0.16 exchanges them as CUDA tensors
-        (exchange_utils.exchange_loaded_tensors_broadcast), so without CUDA every rank reads its own, as by default."""
+        and the shards exchanged between them, where megatron-core can (compat.fully_parallel_load_runs)."""
         if not self.fully_parallel_load or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
             return None
-        if not torch.cuda.is_available():
+        if not compat.fully_parallel_load_runs():
             log.warning("--ckpt-fully-parallel-load: not applied without CUDA (megatron-core exchanges the shards as "
                         "CUDA tensors); every data-parallel rank reads its own shards")
             return None
