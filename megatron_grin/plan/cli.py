@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-
 from megatron_grin.accounting import parameter_counts
 from megatron_grin.config import PRESETS, ConfigError, GrinConfig
 from megatron_grin.settings import bounded
@@ -54,10 +53,6 @@ _LAYOUT_KEYS = {
     "bf16": "bf16",
 }
 
-def _load_yaml(path: Path) -> dict:
-    return read_yaml(str(path))
-
-
 def read_configs(paths: Sequence[str]) -> tuple[dict, dict, list[str]]:
     """Merge YAML files (later wins) into (flat settings, slurm section, files read).
 
@@ -66,12 +61,12 @@ def read_configs(paths: Sequence[str]) -> tuple[dict, dict, list[str]]:
     configs/pretrain-grin.yaml next to it are read first, as launch/submit.sh does.
     """
     files = [Path(config_path(p)) for p in paths]
-    loaded = [(p, _load_yaml(p)) for p in files]
+    loaded = [(p, read_yaml(str(p))) for p in files]
     clusters = [(p, d) for p, d in loaded if "trainer" in d or "slurm" in d]
     if clusters and len(clusters) == len(loaded):
         root = clusters[0][0].resolve().parent.parent
         defaults = [root / "grin-16x3.8b.yaml", root / "pretrain-grin.yaml"]
-        loaded = [(p, _load_yaml(p)) for p in defaults if p.is_file()] + loaded
+        loaded = [(p, read_yaml(str(p))) for p in defaults if p.is_file()] + loaded
     settings: dict = {}
     slurm: dict = {}
     for path, data in loaded:
